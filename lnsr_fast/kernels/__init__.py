@@ -1,0 +1,1 @@
+"""Compute backends of the LNSR step. `reference` is plain PyTorch and the oracle of every other backend."""

@@ -1,0 +1,197 @@
+"""Noise samplers: ε for the noisy half of the LNSR pass (DESIGN.md §1–§3).
+
+Both samplers are called as `noise(input_ids, inputs_embeds, attention_mask=None)` and return ε with
+the shape, dtype and device of `inputs_embeds`: ‖ε_t‖ = ratio·‖x_t‖ for every real token, 0 at padding.
+ε is a sample: it is computed from detached embeddings and carries no gradient.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .kernels import reference
+from .neighbors import KNN_BACKENDS, build_neighbor_table, check_embedding_matrix
+
+_MASK64 = (1 << 64) - 1
+
+
+def _mix(*values: int) -> int:
+    """splitmix64 over the values: a well-spread 63-bit generator seed from (seed, rank, step)."""
+    h = 0x9E3779B97F4A7C15
+    for v in values:
+        h = (h ^ (v & _MASK64)) * 0xBF58476D1CE4E5B9 & _MASK64
+        h = (h ^ (h >> 31)) * 0x94D049BB133111EB & _MASK64
+        h ^= h >> 29
+    return h >> 1
+
+
+def _check_ratio(ratio) -> float:
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)):
+        raise TypeError(f"ratio must be a float, got {type(ratio).__name__}")
+    if not math.isfinite(ratio) or ratio <= 0:
+        raise ValueError(f"ratio must be finite and > 0, got {ratio}")
+    return float(ratio)
+
+
+def check_noise_inputs(input_ids, inputs_embeds, attention_mask, vocab_size: int | None = None):
+    """Validate the sampler's arguments; returns the boolean mask of real tokens (or None)."""
+    if not isinstance(inputs_embeds, torch.Tensor):
+        raise TypeError(f"inputs_embeds must be a tensor, got {type(inputs_embeds).__name__}")
+    if not inputs_embeds.is_floating_point():
+        raise TypeError(f"inputs_embeds must be floating point, got {inputs_embeds.dtype}")
+    if inputs_embeds.dim() < 2:
+        raise ValueError(f"inputs_embeds must be [..., dim] with at least 2 dims, got shape {tuple(inputs_embeds.shape)}")
+    tokens_shape = inputs_embeds.shape[:-1]
+    if input_ids is not None:
+        if not isinstance(input_ids, torch.Tensor) or input_ids.is_floating_point() or input_ids.dtype == torch.bool:
+            raise TypeError(f"input_ids must be an integer tensor, got {getattr(input_ids, 'dtype', type(input_ids).__name__)}")
+        if input_ids.shape != tokens_shape:
+            raise ValueError(f"input_ids has shape {tuple(input_ids.shape)} but inputs_embeds has "
+                             f"{tuple(inputs_embeds.shape)}; expected input_ids of shape {tuple(tokens_shape)}")
+        if input_ids.device != inputs_embeds.device:
+            raise ValueError(f"input_ids is on {input_ids.device} but inputs_embeds on {inputs_embeds.device}")
+        if vocab_size is not None and input_ids.numel() and bool(((input_ids < 0) | (input_ids >= vocab_size)).any()):
+            raise ValueError(f"input_ids must lie in [0, {vocab_size}), got values in "
+                             f"[{int(input_ids.min())}, {int(input_ids.max())}]")
+    if attention_mask is None:
+        return None
+    if not isinstance(attention_mask, torch.Tensor):
+        raise TypeError(f"attention_mask must be a tensor, got {type(attention_mask).__name__}")
+    if attention_mask.shape != tokens_shape:
+        raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)} but inputs_embeds has "
+                         f"{tuple(inputs_embeds.shape)}; expected {tuple(tokens_shape)}")
+    if attention_mask.device != inputs_embeds.device:
+        raise ValueError(f"attention_mask is on {attention_mask.device} but inputs_embeds on {inputs_embeds.device}")
+    return attention_mask != 0
+
+
+class _NoiseSampler:
+    """Seed, step counter and per-device generators shared by the samplers.
+
+    Each call draws from a generator seeded by (seed, rank, step): a run is reproducible on the same
+    backend, DDP ranks draw different noise, and restoring `step` resumes the exact sequence.
+    """
+
+    def __init__(self, ratio: float, seed: int):
+        self.ratio = _check_ratio(ratio)
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+        self.seed = seed
+        self.step = 0
+        self._generators: dict[torch.device, torch.Generator] = {}
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        gen = self._generators.get(device)
+        if gen is None:
+            gen = self._generators[device] = torch.Generator(device=device)
+        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        gen.manual_seed(_mix(self.seed, rank, self.step))
+        return gen
+
+    def state_dict(self) -> dict:
+        return {"seed": self.seed, "step": self.step, "ratio": self.ratio}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.seed, self.step, self.ratio = int(state["seed"]), int(state["step"]), float(state["ratio"])
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(ratio={self.ratio}, seed={self.seed}, step={self.step})"
+
+
+class GaussianNoise(_NoiseSampler):
+    """Standard LNSR noise: Gaussian ε rescaled per token to ‖ε_t‖ = ratio·‖x_t‖.
+
+    >>> noise = GaussianNoise(ratio=0.05, seed=0)
+    >>> eps = noise(input_ids, inputs_embeds, attention_mask)   # input_ids may be None here
+    """
+
+    def __init__(self, ratio: float = 0.05, seed: int = 0):
+        super().__init__(ratio, seed)
+
+    @torch.no_grad()
+    def __call__(self, input_ids, inputs_embeds, attention_mask=None) -> torch.Tensor:
+        real = check_noise_inputs(input_ids, inputs_embeds, attention_mask)
+        x = inputs_embeds.detach()
+        gen = self._generator(x.device)
+        self.step += 1
+        z = torch.randn(x.shape, generator=gen, device=x.device, dtype=torch.float32)
+        return reference.gaussian_noise(x, z, self.ratio, real).to(x.dtype)
+
+
+class InManifoldNoise(_NoiseSampler):
+    """In-manifold LNSR noise: an isotropic Gaussian inside the span of each token's k nearest
+    vocabulary embeddings (differences to the token, orthonormalised by modified Gram–Schmidt in fp32),
+    rescaled per token to ‖ε_t‖ = ratio·‖x_t‖.
+
+    embedding: the model's input-embedding module (or its [vocab, dim] weight); the neighbour table is
+    built from it at construction and rebuilt every `refresh_every` calls (None: never, since
+    embeddings move little at fine-tuning learning rates). A token whose neighbour differences span
+    nothing (e.g. tied rows) falls back to Gaussian noise; `fallback_count` counts them.
+
+    >>> noise = InManifoldNoise(model.get_input_embeddings(), k=10, ratio=0.1, seed=0)
+    >>> eps = noise(input_ids, inputs_embeds, attention_mask)
+    """
+
+    def __init__(self, embedding, k: int = 10, ratio: float = 0.1, seed: int = 0, refresh_every: int | None = None,
+                 knn_backend: str = "auto", rank_tol: float = reference.DEFAULT_RANK_TOL):
+        super().__init__(ratio, seed)
+        self._weight_of = (lambda: embedding.weight) if isinstance(embedding, nn.Module) else (lambda: embedding)
+        if isinstance(embedding, nn.Module) and not isinstance(getattr(embedding, "weight", None), torch.Tensor):
+            raise TypeError(f"embedding must be an nn.Embedding or a [vocab, dim] tensor, got {type(embedding).__name__}")
+        check_embedding_matrix(self._weight_of())
+        if refresh_every is not None and (isinstance(refresh_every, bool) or not isinstance(refresh_every, int) or refresh_every < 1):
+            raise ValueError(f"refresh_every must be None or a positive int, got {refresh_every!r}")
+        if knn_backend not in KNN_BACKENDS:
+            raise ValueError(f"knn_backend must be one of {KNN_BACKENDS}, got {knn_backend!r}")
+        if not 0 <= rank_tol < 1:
+            raise ValueError(f"rank_tol must be in [0, 1), got {rank_tol}")
+        self.k, self.refresh_every, self.knn_backend, self.rank_tol = k, refresh_every, knn_backend, rank_tol
+        self.table = build_neighbor_table(self._weight_of(), k, knn_backend)
+        self._table_step = 0
+        self.fallback_count = torch.zeros((), dtype=torch.long, device=self.table.device)
+
+    def refresh(self) -> None:
+        """Rebuild the neighbour table from the embedding's current weights."""
+        self.table = build_neighbor_table(self._weight_of(), self.k, self.knn_backend)
+        self._table_step = self.step
+
+    @torch.no_grad()
+    def __call__(self, input_ids, inputs_embeds, attention_mask=None) -> torch.Tensor:
+        if input_ids is None:
+            raise ValueError("input_ids is required by InManifoldNoise (neighbours are looked up by token id)")
+        weight = self._weight_of()
+        real = check_noise_inputs(input_ids, inputs_embeds, attention_mask, vocab_size=weight.shape[0])
+        if weight.shape[1] != inputs_embeds.shape[-1]:
+            raise ValueError(f"inputs_embeds has width {inputs_embeds.shape[-1]} but the embedding matrix has {weight.shape[1]}")
+        if self.refresh_every is not None and self.step - self._table_step >= self.refresh_every:
+            self.refresh()
+        x = inputs_embeds.detach().reshape(-1, inputs_embeds.shape[-1])
+        ids = input_ids.reshape(-1)
+        gen = self._generator(x.device)
+        self.step += 1
+        z = torch.randn(x.shape[0], self.k, generator=gen, device=x.device, dtype=torch.float32)
+        fallback_z = torch.randn(x.shape, generator=gen, device=x.device, dtype=torch.float32)
+        table = self.table.to(x.device)
+        neighbor_rows = weight.detach()[table[ids].long()]
+        eps, fell_back = reference.in_manifold_noise(
+            x, neighbor_rows, z, fallback_z, self.ratio, None if real is None else real.reshape(-1), self.rank_tol)
+        self.fallback_count = self.fallback_count.to(x.device) + fell_back.sum()
+        return eps.to(x.dtype).view_as(inputs_embeds)
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "k": self.k, "table": self.table.cpu(), "table_step": self._table_step,
+                "fallback_count": int(self.fallback_count)}
+
+    def load_state_dict(self, state: dict) -> None:
+        table = state["table"]
+        if table.dim() != 2 or table.shape[1] != state["k"] or table.shape[0] != self._weight_of().shape[0]:
+            raise ValueError(f"state's neighbour table has shape {tuple(table.shape)}, expected "
+                             f"({self._weight_of().shape[0]}, {state['k']})")
+        super().load_state_dict(state)
+        self.k = int(state["k"])
+        self.table = table.to(self._weight_of().device, torch.int32)
+        self._table_step = int(state["table_step"])
+        self.fallback_count = torch.tensor(state["fallback_count"], device=self.table.device)

@@ -1,0 +1,98 @@
+"""The layer-wise stability penalty Σ_r λ_r ‖h_r(x+ε) − h_r(x)‖² (eq. 11; DESIGN.md §1–§2)."""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+
+from .kernels import reference
+
+REDUCTIONS = ("sum", "mean")
+
+
+def resolve_weights(weights, n_layers: int, name: str = "weights") -> list[float]:
+    """A float, or one weight per layer, as a list of n_layers finite floats."""
+    if isinstance(weights, (int, float)) and not isinstance(weights, bool):
+        weights = [float(weights)] * n_layers
+    elif isinstance(weights, (list, tuple)) or (isinstance(weights, torch.Tensor) and weights.dim() == 1):
+        weights = [float(w) for w in weights]
+        if len(weights) != n_layers:
+            raise ValueError(f"{name} has {len(weights)} entries but there are {n_layers} layers")
+    else:
+        raise TypeError(f"{name} must be a float or a sequence of floats, got {type(weights).__name__}")
+    if not all(math.isfinite(w) for w in weights):
+        raise ValueError(f"{name} must be finite, got {weights}")
+    return weights
+
+
+class _LayerwiseStability(torch.autograd.Function):
+    """Saves only the hidden states (already alive in the graph), not a per-layer fp32 difference."""
+
+    @staticmethod
+    def forward(ctx, real, weights, reduction, *hidden):
+        n = len(hidden) // 2
+        clean, noisy = hidden[:n], hidden[n:]
+        ctx.save_for_backward(real, *hidden)
+        ctx.weights, ctx.reduction = weights, reduction
+        return reference.layerwise_stability(clean, noisy, real, weights, reduction)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        real, *hidden = ctx.saved_tensors
+        n = len(hidden) // 2
+        dt = grad.dtype
+        n_real = real.sum().clamp_min(1).to(dt) if real is not None else hidden[0].shape[:-1].numel()
+        scale = 2 * grad / n_real
+        if ctx.reduction == "mean":
+            scale = scale / hidden[0].shape[-1]
+        grads_clean, grads_noisy = [], []
+        for h, h_noisy, w in zip(hidden[:n], hidden[n:], ctx.weights):
+            g = (h.to(dt) - h_noisy.to(dt)) * (w * scale)
+            if real is not None:
+                g = g * real[..., None].to(dt)
+            grads_clean.append(g.to(h.dtype) if ctx.needs_input_grad[3 + len(grads_clean)] else None)
+            grads_noisy.append((-g).to(h_noisy.dtype) if ctx.needs_input_grad[3 + n + len(grads_noisy)] else None)
+        return (None, None, None, *grads_clean, *grads_noisy)
+
+
+def layerwise_stability(clean_hidden: Sequence[torch.Tensor], noisy_hidden: Sequence[torch.Tensor],
+                        attention_mask: torch.Tensor | None = None, weights=1.0, reduction: str = "sum") -> torch.Tensor:
+    """The LNSR penalty over chosen layers, padding excluded, accumulated in fp32.
+
+    clean_hidden, noisy_hidden: equally long sequences of [B, T, d] tensors (layer r of the clean and
+    of the noisy pass; views into one concatenated batch are fine). reduction="sum": per layer, the mean
+    over real tokens of ‖h_t − h̃_t‖² (eq. 11); "mean": also divided by d (so λ must be d times larger
+    for the same effect). weights: one λ for all layers or one per layer. Returns a differentiable
+    0-dim fp32 tensor (float64 for float64 inputs), 0 when no token is real.
+
+    >>> reg = layerwise_stability(out.hidden_states[1:], noisy_out.hidden_states[1:], attention_mask)
+    """
+    clean_hidden, noisy_hidden = list(clean_hidden), list(noisy_hidden)
+    if len(clean_hidden) != len(noisy_hidden):
+        raise ValueError(f"clean_hidden has {len(clean_hidden)} layers but noisy_hidden has {len(noisy_hidden)}")
+    if not clean_hidden:
+        raise ValueError("clean_hidden is empty: choose at least one layer")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    weights = resolve_weights(weights, len(clean_hidden))
+    shape, device = clean_hidden[0].shape, clean_hidden[0].device
+    for name, seq in (("clean_hidden", clean_hidden), ("noisy_hidden", noisy_hidden)):
+        for i, h in enumerate(seq):
+            if not isinstance(h, torch.Tensor) or not h.is_floating_point():
+                raise TypeError(f"{name}[{i}] must be a floating-point tensor, got {getattr(h, 'dtype', type(h).__name__)}")
+            if h.dim() < 2 or h.shape[:-1] != shape[:-1] or h.device != device:
+                raise ValueError(f"{name}[{i}] has shape {tuple(h.shape)} on {h.device}; every hidden state must be "
+                                 f"[..., d] with token shape {tuple(shape[:-1])} on {device}")
+    for i, (h, h_noisy) in enumerate(zip(clean_hidden, noisy_hidden)):
+        if h.shape != h_noisy.shape:
+            raise ValueError(f"clean_hidden[{i}] has shape {tuple(h.shape)} but noisy_hidden[{i}] has {tuple(h_noisy.shape)}")
+    real = None
+    if attention_mask is not None:
+        if not isinstance(attention_mask, torch.Tensor):
+            raise TypeError(f"attention_mask must be a tensor, got {type(attention_mask).__name__}")
+        if attention_mask.shape != shape[:-1]:
+            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {tuple(shape[:-1])}")
+        real = (attention_mask != 0).to(device)
+    return _LayerwiseStability.apply(real, weights, reduction, *clean_hidden, *noisy_hidden)
