@@ -1,0 +1,27 @@
+"""The README's promises: its API example runs as written, and the Makefile's install is idempotent."""
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_readme_api_example_runs_as_written(capsys):
+    code = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)[0]
+    exec(compile(code, "README.md", "exec"), {})
+    out = capsys.readouterr().out
+    assert re.search(r"task loss \d+\.\d+, LNSR penalty \S+, fell back to Gaussian: \d+", out), out
+
+
+@pytest.mark.skipif(shutil.which("make") is None or not (ROOT / ".venv" / ".installed").exists(),
+                    reason="needs make and the .venv that `make test` creates")
+def test_make_rerun_installs_nothing():
+    # `make -q` exits 0 only when every target is up to date, i.e. a re-run would run no command.
+    assert subprocess.run(["make", "-q", "install"], cwd=ROOT).returncode == 0
+
+
+def test_ci_runs_make_test():
+    assert "make test" in (ROOT / ".ci" / "run").read_text()
