@@ -6,9 +6,11 @@ recomputed in float64 and sorted (ties broken by index), so the torch and faiss 
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import time
+from collections import OrderedDict
 
 import torch
 
@@ -17,6 +19,10 @@ logger = logging.getLogger(__name__)
 KNN_BACKENDS = ("auto", "torch", "faiss")
 # Extra candidates searched in fp32 so that rounding cannot push a true neighbour out of the top k.
 _CANDIDATE_MARGIN = 8
+# Tables built in this process, by the embedding's content: a run that fine-tunes the same pretrained
+# model several times (seeds, methods) searches once. Small: one entry is V·k int32.
+_CACHE: OrderedDict = OrderedDict()
+_CACHE_SIZE = 4
 
 
 def faiss_available() -> bool:
@@ -47,7 +53,8 @@ def build_neighbor_table(weight: torch.Tensor, k: int, backend: str = "auto", ch
     A row's own index and exact duplicates of it are excluded; neighbours are sorted by distance, ties
     by index. backend: "torch" (chunked matmul + top-k on the weight's device), "faiss" (IndexFlatL2
     on the CPU; needs `pip install lnsr_fast[faiss]`) or "auto" (faiss when installed and the weight
-    is on the CPU, else torch).
+    is on the CPU, else torch). Tables are remembered per embedding content, so building the same
+    one again in the same process costs one hash of the matrix.
     """
     check_embedding_matrix(weight)
     if isinstance(k, bool) or not isinstance(k, int):
@@ -62,20 +69,32 @@ def build_neighbor_table(weight: torch.Tensor, k: int, backend: str = "auto", ch
     if not 1 <= k < vocab:
         raise ValueError(f"k must satisfy 1 <= k < vocabulary size ({vocab}), got {k}")
 
+    # float64 stays float64 (rows that differ only below fp32 precision are not duplicates); others fp32.
+    w = weight.detach().to(torch.float64 if weight.dtype == torch.float64 else torch.float32)
+    key = (hashlib.sha1(w.cpu().numpy().tobytes()).hexdigest(), tuple(w.shape), w.dtype, k, backend, chunk_size)
+    if key in _CACHE:
+        _CACHE.move_to_end(key)
+        return _CACHE[key].to(weight.device, copy=True)
     start = time.perf_counter()
-    w = weight.detach().float()
     # Exact duplicates are not neighbours: search among distinct rows, then map back.
     uniq, inverse = torch.unique(w, dim=0, return_inverse=True)
     n_uniq = uniq.shape[0]
     if k >= n_uniq:
         raise ValueError(f"k={k} but the embedding has only {n_uniq} distinct rows; k must be < {n_uniq}")
     m = min(k + _CANDIDATE_MARGIN, n_uniq - 1)
-    cand = _faiss_candidates(uniq, m) if backend == "faiss" else _torch_candidates(uniq, m, chunk_size)
-    table_uniq = _exact_top_k(uniq, cand.to(w.device), k)
-    # Each distinct row stands for its lowest original index.
+    # The fp32 search uses ‖a‖² − 2a·b + ‖b‖²: centre the rows first (distances do not change), or a
+    # common offset much larger than the spread cancels every digit of the distances.
+    centred = (uniq.double() - uniq.double().mean(0)).to(uniq.dtype)
+    cand = _faiss_candidates(centred, m) if backend == "faiss" else _torch_candidates(centred, m, chunk_size)
+    # Each distinct row stands for its lowest original index (torch.unique sorts rows lexicographically,
+    # so ties must be broken by this original index, not by the position in `uniq`).
     first = torch.full((n_uniq,), vocab, dtype=torch.long, device=w.device)
     first.scatter_reduce_(0, inverse, torch.arange(vocab, device=w.device), reduce="amin")
+    table_uniq = _exact_top_k(uniq, cand.to(w.device), k, first)
     table = first[table_uniq][inverse].to(torch.int32)
+    _CACHE[key] = table.clone()
+    if len(_CACHE) > _CACHE_SIZE:
+        _CACHE.popitem(last=False)
     logger.info("neighbour table %d x %d (%s, %d distinct rows) built in %.2f s", vocab, k, backend, n_uniq,
                 time.perf_counter() - start)
     return table
@@ -98,7 +117,7 @@ def _torch_candidates(uniq: torch.Tensor, m: int, chunk_size: int | None) -> tor
 def _faiss_candidates(uniq: torch.Tensor, m: int) -> torch.Tensor:
     import faiss
 
-    data = uniq.cpu().numpy()
+    data = uniq.cpu().float().numpy()
     index = faiss.IndexFlatL2(data.shape[1])
     index.add(data)
     _, idx = index.search(data, m + 1)
@@ -109,15 +128,30 @@ def _faiss_candidates(uniq: torch.Tensor, m: int) -> torch.Tensor:
     return idx[~own].view(idx.shape[0], m)
 
 
-def _exact_top_k(uniq: torch.Tensor, cand: torch.Tensor, k: int) -> torch.Tensor:
-    """Re-rank candidate neighbours by float64 distance, ties by index; keep the first k."""
+def _exact_top_k(uniq: torch.Tensor, cand: torch.Tensor, k: int, key: torch.Tensor) -> torch.Tensor:
+    """Re-rank candidate neighbours by float64 distance, ties by `key` (original index); keep the first k.
+
+    A row whose k-th distance equals its farthest candidate's may have tied rows that the search did
+    not propose (many equidistant rows): it is re-ranked against every row.
+    """
+    n = uniq.shape[0]
     out = torch.empty(cand.shape[0], k, dtype=torch.long, device=cand.device)
     step = max(1, (32 * 2**20) // (cand.shape[1] * uniq.shape[1] * 8))
     for s in range(0, cand.shape[0], step):
         c = cand[s:s + step]
         d = (uniq[c].double() - uniq[s:s + step, None].double()).pow(2).sum(-1)
-        c_sorted, order = c.sort(dim=1)  # a stable sort by distance after this gives index tie-breaking
-        d = d.gather(1, order)
-        pos = d.sort(dim=1, stable=True).indices[:, :k]
-        out[s:s + step] = c_sorted.gather(1, pos)
+        out[s:s + step], d_sorted = _rank(c, d, key, k)
+        if c.shape[1] < n - 1:
+            for i in (s + (d_sorted[:, k - 1] == d_sorted[:, -1]).nonzero().flatten()).tolist():
+                others = torch.cat([torch.arange(i, device=c.device), torch.arange(i + 1, n, device=c.device)])
+                d_all = (uniq[others].double() - uniq[i].double()).pow(2).sum(-1)
+                out[i] = _rank(others[None], d_all[None], key, k)[0][0]
     return out
+
+
+def _rank(c: torch.Tensor, d: torch.Tensor, key: torch.Tensor, k: int):
+    """Sort candidates c [n, m] by distance d [n, m], ties by key[c]; the first k and the sorted distances."""
+    order = key[c].argsort(dim=1)
+    c, d = c.gather(1, order), d.gather(1, order)
+    d_sorted, pos = d.sort(dim=1, stable=True)  # stable: equal distances keep the key order
+    return c.gather(1, pos[:, :k]), d_sorted

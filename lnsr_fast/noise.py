@@ -139,6 +139,10 @@ class InManifoldNoise(_NoiseSampler):
                  knn_backend: str = "auto", rank_tol: float = reference.DEFAULT_RANK_TOL):
         super().__init__(ratio, seed)
         self._weight_of = (lambda: embedding.weight) if isinstance(embedding, nn.Module) else (lambda: embedding)
+        # Neighbour rows go through the module's own forward, so that an embedding that scales its
+        # output (BART, Gemma, ...) gives neighbours on the same scale as x. A scalar scale leaves
+        # the nearest neighbours of the raw matrix unchanged.
+        self._embed = embedding if isinstance(embedding, nn.Module) else (lambda ids: embedding[ids])
         if isinstance(embedding, nn.Module) and not isinstance(getattr(embedding, "weight", None), torch.Tensor):
             raise TypeError(f"embedding must be an nn.Embedding or a [vocab, dim] tensor, got {type(embedding).__name__}")
         check_embedding_matrix(self._weight_of())
@@ -175,7 +179,7 @@ class InManifoldNoise(_NoiseSampler):
         z = torch.randn(x.shape[0], self.k, generator=gen, device=x.device, dtype=torch.float32)
         fallback_z = torch.randn(x.shape, generator=gen, device=x.device, dtype=torch.float32)
         table = self.table.to(x.device)
-        neighbor_rows = weight.detach()[table[ids].long()]
+        neighbor_rows = self._embed(table[ids].long()).detach()
         eps, fell_back = reference.in_manifold_noise(
             x, neighbor_rows, z, fallback_z, self.ratio, None if real is None else real.reshape(-1), self.rank_tol)
         self.fallback_count = self.fallback_count.to(x.device) + fell_back.sum()

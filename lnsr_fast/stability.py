@@ -51,7 +51,7 @@ class _LayerwiseStability(torch.autograd.Function):
         for h, h_noisy, w in zip(hidden[:n], hidden[n:], ctx.weights):
             g = (h.to(dt) - h_noisy.to(dt)) * (w * scale)
             if real is not None:
-                g = g * real[..., None].to(dt)
+                g = torch.where(real[..., None], g, 0.0)
             grads_clean.append(g.to(h.dtype) if ctx.needs_input_grad[3 + len(grads_clean)] else None)
             grads_noisy.append((-g).to(h_noisy.dtype) if ctx.needs_input_grad[3 + n + len(grads_noisy)] else None)
         return (None, None, None, *grads_clean, *grads_noisy)
@@ -77,11 +77,13 @@ def layerwise_stability(clean_hidden: Sequence[torch.Tensor], noisy_hidden: Sequ
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     weights = resolve_weights(weights, len(clean_hidden))
-    shape, device = clean_hidden[0].shape, clean_hidden[0].device
     for name, seq in (("clean_hidden", clean_hidden), ("noisy_hidden", noisy_hidden)):
         for i, h in enumerate(seq):
             if not isinstance(h, torch.Tensor) or not h.is_floating_point():
                 raise TypeError(f"{name}[{i}] must be a floating-point tensor, got {getattr(h, 'dtype', type(h).__name__)}")
+    shape, device = clean_hidden[0].shape, clean_hidden[0].device
+    for name, seq in (("clean_hidden", clean_hidden), ("noisy_hidden", noisy_hidden)):
+        for i, h in enumerate(seq):
             if h.dim() < 2 or h.shape[:-1] != shape[:-1] or h.device != device:
                 raise ValueError(f"{name}[{i}] has shape {tuple(h.shape)} on {h.device}; every hidden state must be "
                                  f"[..., d] with token shape {tuple(shape[:-1])} on {device}")

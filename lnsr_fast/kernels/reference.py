@@ -44,8 +44,8 @@ def rescale_to_ratio(eps: torch.Tensor, x: torch.Tensor, ratio: float, real: tor
     x = x.to(eps.dtype)
     scale = ratio * x.norm(dim=-1, keepdim=True) / eps.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(eps.dtype).tiny)
     eps = eps * scale
-    if real is not None:
-        eps = eps * real[..., None].to(eps.dtype)
+    if real is not None:  # where, not a product: whatever padding holds, its ε is 0
+        eps = torch.where(real[..., None].bool(), eps, 0.0)
     return eps
 
 
@@ -99,8 +99,8 @@ def layerwise_stability(
         per_token = (h.to(dt) - h_noisy.to(dt)).pow(2).sum(-1)
         if reduction == "mean":
             per_token = per_token / h.shape[-1]
-        if real is not None:
-            per_token = per_token * real.to(dt)
+        if real is not None:  # where, not a product: padding never matters, even if it holds NaN/Inf
+            per_token = torch.where(real.bool(), per_token, 0.0)
         total = total + w * per_token.sum()
     n_real = real.sum() if real is not None else torch.tensor(clean[0].shape[:-1].numel(), device=total.device)
     return total / n_real.clamp_min(1).to(dt)
