@@ -1,0 +1,100 @@
+"""Worker for tests/test_trainer.py::test_ddp_ranks_draw_different_noise_and_stay_in_sync (run under torchrun, gloo, CPU).
+
+usage: python -m torch.distributed.run --nproc_per_node 2 tests/ddp_worker.py OUTDIR
+
+Each process trains a tiny BERT classifier with LNSRTrainer for 4 steps (checkpoint at step 2), then
+resumes a fresh model from that checkpoint in a second trainer, and saves to OUTDIR/rank{r}.pt: the noise
+its first step added (read off the model's inputs_embeds = cat[x, x+ε]), what its sampler draws for one
+fixed input shared by the ranks, the final weights of both runs,
+the log history and the sampler state.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from transformers import BertConfig, BertForSequenceClassification, TrainingArguments  # noqa: E402
+
+from lnsr_fast import LNSRConfig, LNSRTrainer  # noqa: E402
+
+STEPS, SAVE_AT = 4, 2
+
+
+def tiny_model(seed: int) -> BertForSequenceClassification:
+    torch.manual_seed(seed)
+    return BertForSequenceClassification(BertConfig(
+        vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        max_position_embeddings=32, num_labels=2))
+
+
+def dataset(n: int = 32, length: int = 10) -> list[dict]:
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for i in range(n):
+        real = int(torch.randint(4, length + 1, (1,), generator=g))
+        ids = torch.zeros(length, dtype=torch.long)
+        ids[:real] = torch.randint(1, 128, (real,), generator=g)
+        mask = (torch.arange(length) < real).long()
+        rows.append({"input_ids": ids, "attention_mask": mask, "labels": torch.tensor(i % 2)})
+    return rows
+
+
+def make_trainer(model, output_dir: Path) -> LNSRTrainer:
+    args = TrainingArguments(output_dir=str(output_dir), use_cpu=True, ddp_backend="gloo", report_to=[],
+                             per_device_train_batch_size=4, max_steps=STEPS, learning_rate=1e-3, logging_steps=2,
+                             save_strategy="steps", save_steps=SAVE_AT, seed=0, disable_tqdm=True,
+                             dataloader_num_workers=0)
+    return LNSRTrainer(model=model, args=args, train_dataset=dataset(), lnsr=LNSRConfig(noise="in_manifold"))
+
+
+def main(outdir: Path) -> None:
+    torch.set_num_threads(1)
+    model = tiny_model(0)
+    trainer = make_trainer(model, outdir / "run")
+    rank = trainer.args.process_index
+    first = {}
+
+    def record(module, args, kwargs):
+        if "eps" not in first and kwargs.get("inputs_embeds") is not None:
+            emb = kwargs["inputs_embeds"].detach()
+            b = emb.shape[0] // 2
+            first["eps"] = (emb[b:] - emb[:b]).clone()
+
+    # What the sampler would draw first for one fixed input, the same on every rank.
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, 128, (2, 6), generator=g)
+    probe = copy.deepcopy(trainer.lnsr.noise)(ids, model.get_input_embeddings()(ids).detach(), torch.ones_like(ids))
+
+    handle = model.register_forward_pre_hook(record, with_kwargs=True)
+    trainer.train()
+    handle.remove()
+    final = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    noise_state = trainer.lnsr.noise.state_dict()
+
+    resumed_model = tiny_model(1)   # other initial weights: the checkpoint must supply them
+    resumed = make_trainer(resumed_model, outdir / "resumed")
+    resumed.train(resume_from_checkpoint=str(outdir / "run" / f"checkpoint-{SAVE_AT}"))
+
+    torch.save({
+        "world_size": trainer.args.world_size,
+        "eps": first["eps"],
+        "probe": probe,
+        "state": final,
+        "resumed_state": {k: v.detach().clone() for k, v in resumed_model.state_dict().items()},
+        "logs": trainer.state.log_history,
+        "noise_state": noise_state,
+        "resumed_noise_state": resumed.lnsr.noise.state_dict(),
+    }, outdir / f"rank{rank}.pt")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        raise SystemExit(__doc__)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    main(Path(sys.argv[1]))
