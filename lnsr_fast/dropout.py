@@ -58,7 +58,11 @@ def paired_dropout(half: int, device: torch.device):
             scores = scores.masked_fill(~causal, float("-inf"))
         if attn_mask is not None:
             scores = scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else scores + attn_mask
-        return _dropout(scores.softmax(dim=-1), dropout_p) @ value
+        # As torch's own math path (_safe_softmax): a query row with every key masked gets zeros, not NaN, and
+        # no NaN gradient (left-padded causal models have such rows; a NaN would spread through the sequence).
+        dead = (scores == float("-inf")).all(dim=-1, keepdim=True)
+        probs = scores.masked_fill(dead, 0.0).softmax(dim=-1).masked_fill(dead, 0.0)
+        return _dropout(probs, dropout_p) @ value
 
     before = rng_state(device)
     F.dropout, F.scaled_dot_product_attention = _dropout, _sdpa

@@ -52,6 +52,8 @@ def task_loss(kind: str, config, outputs, labels: dict, num_items_in_batch=None)
     y, logits = labels["labels"], outputs.logits.float()
     if kind == "sequence_classification":
         n = config.num_labels
+        if config.problem_type is None and n > 1 and getattr(config, "model_type", None) in ("deberta", "deberta-v2"):
+            return _deberta_classification_loss(logits, y, n)
         problem = config.problem_type or (
             "regression" if n == 1 else
             "single_label_classification" if y.dtype in (torch.long, torch.int) else "multi_label_classification")
@@ -69,3 +71,16 @@ def task_loss(kind: str, config, outputs, labels: dict, num_items_in_batch=None)
         total = F.cross_entropy(logits.view(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100, reduction="sum")
         return total / torch.as_tensor(num_items_in_batch, device=total.device)
     raise ValueError(f"unknown head kind {kind!r}")
+
+
+def _deberta_classification_loss(logits: torch.Tensor, y: torch.Tensor, n: int) -> torch.Tensor:
+    """DeBERTa's own loss when problem_type is unset and num_labels > 1: hard labels (one per row) take a
+    cross-entropy over the rows whose label is >= 0 (0 when there is none); a label distribution per row
+    takes a soft-label cross-entropy, -Σ_c y_c log softmax(logits)_c, averaged over rows (not BCE)."""
+    if y.dim() == 1 or y.shape[-1] == 1:
+        y = y.reshape(-1).long()
+        keep = y >= 0
+        if not bool(keep.any()):
+            return logits.new_zeros(())
+        return F.cross_entropy(logits.view(-1, n)[keep], y[keep])
+    return -(F.log_softmax(logits, dim=-1) * y).sum(-1).mean()

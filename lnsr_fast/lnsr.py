@@ -26,6 +26,21 @@ def _forward_parameters(model) -> dict:
     return inspect.signature(base.forward).parameters
 
 
+def _position_ids_from_input_ids(model):
+    """The model's own rule for position ids from input_ids, where its embeddings have one; else None.
+
+    RoBERTa-style embeddings (RoBERTa, XLM-R, CamemBERT, ...) number real tokens from padding_idx + 1 and
+    give padding padding_idx when they see input_ids, but count every position when they see
+    inputs_embeds; LNSR passes inputs_embeds, so it passes the positions the model would have used.
+    """
+    for module in model.modules():
+        make = getattr(module, "create_position_ids_from_input_ids", None)
+        padding_idx = getattr(module, "padding_idx", None)
+        if callable(make) and isinstance(padding_idx, int):
+            return lambda input_ids: make(input_ids, padding_idx)
+    return None
+
+
 def num_hidden_layers(model) -> int | None:
     """L, so that hidden_states has L+1 entries (the embedding output first); None when unknown."""
     config = getattr(model, "config", None)
@@ -80,7 +95,9 @@ class LNSR:
         self.reduction, self.detach_clean, self.weight, self.layers = reduction, detach_clean, weight, layers
         self.head = heads.head_kind(model)
         self._passes_use_cache = "use_cache" in params
-        self._fallback_reason: str | None = None
+        self._position_ids = _position_ids_from_input_ids(model) if "position_ids" in params else None
+        self._warned: set[str] = set()
+        self._unpairable = False  # set once a concat pass drew randomness that could not be paired
         n = num_hidden_layers(model)
         if n is not None:
             self._check_layers(n + 1)
@@ -95,9 +112,9 @@ class LNSR:
         return layers, resolve_weights(self.weight, len(layers), "weight")
 
     def _fall_back(self, reason: str) -> None:
-        if self._fallback_reason is None:
+        if reason not in self._warned:
             warnings.warn(f"LNSR: running in two_pass mode instead of concat: {reason}", stacklevel=3)
-        self._fallback_reason = reason
+            self._warned.add(reason)
 
     def __call__(self, **batch):
         return self.compute(batch)
@@ -116,6 +133,10 @@ class LNSR:
             if input_ids.numel() and bool(((input_ids < 0) | (input_ids >= vocab)).any()):
                 raise ValueError(f"input_ids must lie in [0, {vocab}), got values in [{int(input_ids.min())}, {int(input_ids.max())}]")
             x = self.model.get_input_embeddings()(input_ids)
+        if isinstance(x, torch.Tensor) and x.dim() >= 2 and x.shape[0] == 0:
+            raise ValueError(f"the batch is empty (inputs of shape {tuple(x.shape)}); LNSR needs at least one row")
+        if input_ids is not None and self._position_ids is not None and batch.get("position_ids") is None:
+            batch["position_ids"] = self._position_ids(input_ids)
         mask = batch.get("attention_mask")
         eps = self.noise(input_ids, x, mask)
         labels = {k: batch.pop(k) for k in heads.LABEL_KEYS if k in batch}
@@ -126,15 +147,20 @@ class LNSR:
 
         shared = self.dropout == "shared" and model.training
         mode = self.mode
-        if mode == "concat" and labels and self.head is None:
-            self._fall_back(f"the task loss of {type(self.model).__name__} is computed by the model, which sees both halves")
+        # Labels this module cannot split (an unknown head, or e.g. `next_sentence_label`) would make the
+        # model average its loss over both halves: such batches run in two passes.
+        unknown_labels = [k for k in batch if "label" in k or k.endswith("_positions")]
+        if mode == "concat" and (unknown_labels or (labels and self.head is None)):
+            self._fall_back(f"the task loss of {type(self.model).__name__} for {sorted(unknown_labels or labels)} "
+                            "is computed by the model, which would see both halves")
             mode = "two_pass"
-        if mode == "concat" and shared and self._fallback_reason is not None:
+        if mode == "concat" and shared and self._unpairable:
             mode = "two_pass"
         if mode == "concat":
             try:
                 return self._concat(model, x, eps, batch, labels, num_items, shared)
             except UnpairableRandomness as e:
+                self._unpairable = True
                 self._fall_back(f"its dropout masks cannot be shared between the halves ({e})")
         return self._two_pass(model, x, eps, batch, labels, num_items, shared)
 
@@ -156,9 +182,11 @@ class LNSR:
             out = model(inputs_embeds=torch.cat([x, x + eps]), **both)
         hs = out.hidden_states
         reg = self._penalty(hs, slice(0, b), None if hs is None else [h[b:] for h in hs], batch.get("attention_mask"))
-        clean = type(out)(**{k: _first_rows(v, b) for k, v in out.items()})
+        fields = {k: _first_rows(v, b) for k, v in out.items()}
+        clean = type(out)(**fields)
         if labels:
-            clean["loss"] = heads.task_loss(self.head, self.model.config, clean, labels, num_items)
+            # Rebuilt with the loss as its first field, so that outputs[0] is the loss, as HF returns it.
+            clean = type(out)(**{**fields, "loss": heads.task_loss(self.head, self.model.config, clean, labels, num_items)})
         return clean, reg
 
     def _two_pass(self, model, x, eps, batch, labels, num_items, shared):
