@@ -15,6 +15,7 @@ from torch import nn
 
 from . import heads
 from .dropout import UnpairableRandomness, paired_dropout, rng_state, set_rng_state
+from .noise import check_token_ids
 from .stability import REDUCTIONS, layerwise_stability, resolve_weights
 
 MODES = ("concat", "two_pass")
@@ -129,9 +130,7 @@ class LNSR:
                 raise ValueError("the batch needs input_ids or inputs_embeds")
             if not isinstance(input_ids, torch.Tensor) or input_ids.is_floating_point():
                 raise TypeError(f"input_ids must be an integer tensor, got {getattr(input_ids, 'dtype', type(input_ids).__name__)}")
-            vocab = self.model.get_input_embeddings().weight.shape[0]
-            if input_ids.numel() and bool(((input_ids < 0) | (input_ids >= vocab)).any()):
-                raise ValueError(f"input_ids must lie in [0, {vocab}), got values in [{int(input_ids.min())}, {int(input_ids.max())}]")
+            check_token_ids(input_ids, self.model.get_input_embeddings().weight.shape[0])
             x = self.model.get_input_embeddings()(input_ids)
         if isinstance(x, torch.Tensor) and x.dim() >= 2 and x.shape[0] == 0:
             raise ValueError(f"the batch is empty (inputs of shape {tuple(x.shape)}); LNSR needs at least one row")

@@ -36,6 +36,13 @@ def _check_ratio(ratio) -> float:
     return float(ratio)
 
 
+def check_token_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
+    """ValueError unless every id is in [0, vocab_size). One host sync: the kernels will check on the device."""
+    if input_ids.numel() and bool(((input_ids < 0) | (input_ids >= vocab_size)).any()):
+        raise ValueError(f"input_ids must lie in [0, {vocab_size}), got values in "
+                         f"[{int(input_ids.min())}, {int(input_ids.max())}]")
+
+
 def check_noise_inputs(input_ids, inputs_embeds, attention_mask, vocab_size: int | None = None):
     """Validate the sampler's arguments; returns the boolean mask of real tokens (or None)."""
     if not isinstance(inputs_embeds, torch.Tensor):
@@ -53,9 +60,8 @@ def check_noise_inputs(input_ids, inputs_embeds, attention_mask, vocab_size: int
                              f"{tuple(inputs_embeds.shape)}; expected input_ids of shape {tuple(tokens_shape)}")
         if input_ids.device != inputs_embeds.device:
             raise ValueError(f"input_ids is on {input_ids.device} but inputs_embeds on {inputs_embeds.device}")
-        if vocab_size is not None and input_ids.numel() and bool(((input_ids < 0) | (input_ids >= vocab_size)).any()):
-            raise ValueError(f"input_ids must lie in [0, {vocab_size}), got values in "
-                             f"[{int(input_ids.min())}, {int(input_ids.max())}]")
+        if vocab_size is not None:
+            check_token_ids(input_ids, vocab_size)
     if attention_mask is None:
         return None
     if not isinstance(attention_mask, torch.Tensor):

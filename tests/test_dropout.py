@@ -13,13 +13,7 @@ CPU = torch.device("cpu")
 HALF = 64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tensors here are tiny: one intra-op thread is many times faster than several on a shared small machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("p", [0.1, 0.3, 0.5])

@@ -48,13 +48,7 @@ SEQ_VARIANTS = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tensors here are tiny: one intra-op thread is many times faster than several on a shared small machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_config(family: str, dropout: float | None = None, attention_dropout: float | None = None, **overrides):
