@@ -13,6 +13,8 @@ from typing import Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
+from .lnsr import position_ids_from_input_ids
+
 Profile = Mapping[int, float]   # hidden-state index -> mean relative deviation
 
 
@@ -52,6 +54,7 @@ def noise_propagation(model: nn.Module, noise, batches: Iterable[Mapping[str, to
             raise ValueError(f"layers must be None or a non-empty sequence of ints, got {layers!r}")
     device = next(model.parameters()).device
     embed = model.get_input_embeddings()
+    position_ids = position_ids_from_input_ids(model)
     was_training = model.training
     model.eval()
     totals: torch.Tensor | None = None
@@ -69,6 +72,8 @@ def noise_propagation(model: nn.Module, noise, batches: Iterable[Mapping[str, to
             if not isinstance(eps, torch.Tensor) or eps.shape != x.shape:
                 raise ValueError(f"noise returned {getattr(eps, 'shape', type(eps).__name__)}, expected a tensor of shape {tuple(x.shape)}")
             extra = _model_inputs(batch)
+            if position_ids is not None and extra.get("position_ids") is None:
+                extra["position_ids"] = position_ids(input_ids)  # what the model would use given input_ids
             clean = model(inputs_embeds=x, output_hidden_states=True, return_dict=True, **extra).hidden_states
             noisy = model(inputs_embeds=x + eps.to(x.dtype), output_hidden_states=True, return_dict=True, **extra).hidden_states
             if clean is None:

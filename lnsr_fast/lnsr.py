@@ -27,7 +27,7 @@ def _forward_parameters(model) -> dict:
     return inspect.signature(base.forward).parameters
 
 
-def _position_ids_from_input_ids(model):
+def position_ids_from_input_ids(model):
     """The model's own rule for position ids from input_ids, where its embeddings have one; else None.
 
     RoBERTa-style embeddings (RoBERTa, XLM-R, CamemBERT, ...) number real tokens from padding_idx + 1 and
@@ -96,7 +96,7 @@ class LNSR:
         self.reduction, self.detach_clean, self.weight, self.layers = reduction, detach_clean, weight, layers
         self.head = heads.head_kind(model)
         self._passes_use_cache = "use_cache" in params
-        self._position_ids = _position_ids_from_input_ids(model) if "position_ids" in params else None
+        self._position_ids = position_ids_from_input_ids(model) if "position_ids" in params else None
         self._warned: set[str] = set()
         self._unpairable = False  # set once a concat pass drew randomness that could not be paired
         n = num_hidden_layers(model)

@@ -3,7 +3,7 @@ import csv
 
 import pytest
 import torch
-from transformers import BertConfig, BertModel
+from transformers import BertConfig, BertModel, RobertaConfig, RobertaModel
 
 from lnsr_fast import GaussianNoise, InManifoldNoise
 from lnsr_fast.analysis import (average_profiles, noise_propagation, plot_noise_propagation, profile_range,
@@ -109,6 +109,21 @@ def test_padding_is_excluded_and_tokens_are_averaged_over_the_whole_set():
     again = noise_propagation(model, token_noise(0.05), [{"input_ids": ids2, "attention_mask": mask}])
     for layer in padded:
         assert again[layer] == pytest.approx(padded[layer], rel=1e-5, abs=1e-8)
+
+
+def test_roberta_positions_are_the_ones_it_uses_for_input_ids():
+    # RoBERTa numbers positions from input_ids (padding aware) but not from inputs_embeds: the profile
+    # must use the former, or left padding would shift every position of the padded row.
+    torch.manual_seed(0)
+    model = RobertaModel(RobertaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                       intermediate_size=64, max_position_embeddings=40, pad_token_id=1))
+    ids = torch.tensor([[1, 1, 0, 10, 11, 2], [0, 20, 21, 22, 23, 2]])
+    mask = (ids != 1).long()
+    padded = noise_propagation(model, token_noise(0.05), [{"input_ids": ids, "attention_mask": mask}])
+    singles = [{"input_ids": ids[:1, 2:], "attention_mask": mask[:1, 2:]}, {"input_ids": ids[1:], "attention_mask": mask[1:]}]
+    unpadded = noise_propagation(model, token_noise(0.05), singles)
+    for layer in padded:
+        assert padded[layer] == pytest.approx(unpadded[layer], rel=1e-4, abs=1e-7)
 
 
 def test_layers_subset_and_in_manifold_noise():
