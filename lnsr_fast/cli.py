@@ -332,7 +332,16 @@ def train_one(model, tokenizer, train: TextData, method: str, args, seed: int, p
 
 
 def _quiet_transformers(verbose: bool) -> None:
+    import logging
+
     import transformers
+    # Our own long steps (the neighbour-table search takes seconds on a CPU) say what they are doing.
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("lnsr-fast: %(message)s"))
+    package_logger = logging.getLogger("lnsr_fast")
+    if not package_logger.handlers:
+        package_logger.addHandler(handler)
+    package_logger.setLevel(logging.INFO)
     if not verbose:
         transformers.logging.set_verbosity_error()
         transformers.logging.disable_progress_bar()

@@ -75,6 +75,7 @@ def build_neighbor_table(weight: torch.Tensor, k: int, backend: str = "auto", ch
     if key in _CACHE:
         _CACHE.move_to_end(key)
         return _CACHE[key].to(weight.device, copy=True)
+    logger.info("building the %d-nearest-neighbour table of %d x %d embeddings (%s)...", k, vocab, w.shape[1], backend)
     start = time.perf_counter()
     # Exact duplicates are not neighbours: search among distinct rows, then map back.
     uniq, inverse = torch.unique(w, dim=0, return_inverse=True)
