@@ -295,9 +295,8 @@ def lnsr_config(method: str, args):
 
 
 def _ratio_in_use(method: str, args) -> float | None:
-    from .trainer import DEFAULT_RATIOS
-    noise = METHODS[method]
-    return None if noise is None else args.ratio if args.ratio is not None else DEFAULT_RATIOS[noise]
+    config = lnsr_config(method, args)
+    return None if config is None else config.noise_ratio
 
 
 def train_one(model, tokenizer, train: TextData, method: str, args, seed: int, progress: _Progress,
