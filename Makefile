@@ -29,5 +29,37 @@ test: install
 demo: install
 	HF_HUB_OFFLINE=1 $(BIN)/lnsr-fast demo
 
+# pytest-benchmark timings of the CPU-sized benchmark cases; `make test` does not run them.
+.PHONY: bench-quick
+bench-quick: install
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q benchmarks/test_bench_quick.py --benchmark-only $(PYTEST_ARGS)
+
+# `make cuda-compile` builds the CUDA extension (csrc/) against a CUDA build of torch in its own venv
+# (pinned; pip takes it from local disk), into build/cuda rather than the package, which the CPU .venv
+# must never import; then checks its bindings and argument checks (and its results where a GPU is
+# present). No GPU is needed: CI runs it so that a CUDA compile error fails the build.
+CUDA_VENV  ?= .venv-cuda
+CUDA_TORCH ?= torch==2.14.1
+CUDA_HOME  ?= /usr/local/cuda
+CUDA_BUILD ?= build/cuda
+
+$(CUDA_VENV)/.installed:
+	$(PYTHON) -m venv $(CUDA_VENV)
+	$(CUDA_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(CUDA_VENV)/bin/python -m pip install "$(CUDA_TORCH)" ninja setuptools numpy pytest pytest-timeout
+	touch $@
+
+.PHONY: cuda-compile
+cuda-compile: $(CUDA_VENV)/.installed
+	PATH="$(CURDIR)/$(CUDA_VENV)/bin:$$PATH" CUDA_HOME=$(CUDA_HOME) TORCH_CUDA_ARCH_LIST="8.0;9.0" LNSR_FAST_CUDA=1 \
+		$(CUDA_VENV)/bin/python setup.py --quiet build_ext --build-lib $(CUDA_BUILD) --build-temp $(CUDA_BUILD)/temp
+	LNSR_FAST_CUDA_BUILD=$(CUDA_BUILD) $(CUDA_VENV)/bin/python -m pytest -q tests/test_cuda_extension.py
+
+# On a machine with an NVIDIA GPU and a CUDA build of torch (python3 by default; PYTHON=... to change):
+# build, GPU tests, kernel benchmarks, targets last. Without a GPU: a dry run (see the script).
+.PHONY: gpu-check
+gpu-check:
+	PYTHON=$(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON)) benchmarks/gpu_check.sh
+
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(CUDA_VENV) build *.egg-info lnsr_fast/_C.*.so

@@ -1,11 +1,14 @@
-"""Cost of drawing LNSR noise for one batch, per variant, against the bytes floor (DESIGN.md §5).
+"""Cost of drawing LNSR noise for one batch (the ε of DESIGN.md §1), per variant, against the bytes floor.
 
-Variants: Gaussian (GaussianNoise), in-manifold through the package (table gather + modified
-Gram–Schmidt, kernels/reference.py), the per-step kNN search the paper does instead of a table, and
-the one-off table build. The floor is reading k+1 rows and writing one row per token at the device's
-measured copy bandwidth. `--quick` uses small shapes for a CPU check.
+Variants: every kernel backend the device runs, through the package's samplers (`gaussian_<backend>`,
+`in_manifold_<backend>`), and the plain-PyTorch ways of DESIGN.md §5: a kNN search per step (what the
+paper does instead of a table), the one-off neighbour-table build, and per step a table gather followed
+by `torch.linalg.qr`, by the modified Gram–Schmidt loop of kernels/reference.py, or by a projection
+solve (a Gaussian projected onto the neighbour span through the normal equations). The floor is reading
+k+1 rows and writing one row per token at the device's measured copy bandwidth. fp32, like the word
+embeddings of a model trained under autocast.
 
-    python benchmarks/bench_noise.py [--quick] [--device cuda]
+    python benchmarks/bench_noise.py [--quick] [--device cuda] [--sizes bert-base,roberta-large]
 """
 from __future__ import annotations
 
@@ -15,60 +18,93 @@ import time
 import torch
 
 import lnsr_fast as lf
-from common import RESULTS, measure, write_results
+from lnsr_fast.kernels import reference
+from common import RESULTS, copy_bandwidth, kernel_backends, measure, sync, write_results
+from render import render
+
+# Vocabulary × width of the word embeddings.
+SIZES = {"bert-base": (30522, 768), "bert-large": (30522, 1024), "roberta-large": (50265, 1024)}
+QUICK_SIZES = {"tiny": (2000, 128)}
+GAUSSIAN_RATIO, IN_MANIFOLD_RATIO = 0.05, 0.1
 
 
-def copy_bandwidth(device: torch.device) -> float:
-    """Bytes per second of a large device copy (read + write)."""
-    src = torch.empty(64 * 2**20 // 4, device=device)
-    dst = torch.empty_like(src)
-    median, _, _ = measure(lambda: dst.copy_(src), device)
-    return 2 * src.numel() * 4 / (median / 1e3)
+def noise_variants(weight: torch.Tensor, table: torch.Tensor, ids: torch.Tensor, x: torch.Tensor, k: int,
+                   backends: list[str]) -> dict:
+    """Name -> callable drawing ε for the tokens `ids` [N] with embeddings x [N, d] (neighbour table given)."""
+    n, dim = x.shape
+    variants = {}
+    for b in backends:
+        gaussian = lf.GaussianNoise(ratio=GAUSSIAN_RATIO, backend=b)
+        variants[f"gaussian_{b}"] = lambda g=gaussian: g(ids, x)
+    for b in backends:
+        in_manifold = lf.InManifoldNoise(weight, k=k, ratio=IN_MANIFOLD_RATIO, knn_backend="torch", backend=b)
+        variants[f"in_manifold_{b}"] = lambda m=in_manifold: m(ids, x)
+
+    def knn_search_per_step():
+        return torch.cdist(x, weight).topk(k + 1, largest=False)
+
+    def diffs():
+        return weight[table[ids].long()] - x[:, None, :]
+
+    def gather_qr():
+        q, _ = torch.linalg.qr(diffs().transpose(1, 2))  # [N, d, k]
+        z = torch.randn(n, k, 1, device=x.device)
+        return reference.rescale_to_ratio((q @ z).squeeze(-1), x, IN_MANIFOLD_RATIO, None)
+
+    def gather_mgs_reference():
+        z, fallback_z = torch.randn(n, k, device=x.device), torch.randn(n, dim, device=x.device)
+        return reference.in_manifold_noise(x, weight[table[ids].long()], z, fallback_z, IN_MANIFOLD_RATIO)
+
+    def gather_projection_solve():
+        d = diffs()
+        g = torch.randn(n, dim, 1, device=x.device)
+        coef = torch.linalg.solve(d @ d.transpose(1, 2), d @ g)  # normal equations of min ‖Dᵀc − g‖
+        return reference.rescale_to_ratio((d.transpose(1, 2) @ coef).squeeze(-1), x, IN_MANIFOLD_RATIO, None)
+
+    variants.update(knn_search_per_step=knn_search_per_step, gather_qr=gather_qr,
+                    gather_mgs_reference=gather_mgs_reference, gather_projection_solve=gather_projection_solve)
+    return variants
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="small shapes, few repetitions (CPU check)")
+    p.add_argument("--quick", action="store_true", help="one small shape, few repetitions (CPU check)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--sizes", default=None, help=f"comma-separated, of {sorted(SIZES)} (default: all; tiny with --quick)")
     p.add_argument("--k", type=int, default=10)
-    p.add_argument("--tokens", type=int, default=None, help="tokens per batch (default 4096; 512 with --quick)")
+    p.add_argument("--tokens", type=int, default=None, help="tokens per batch (default 4096 = 32 x 128; 512 with --quick)")
+    p.add_argument("--reps", type=int, default=None, help="timed calls per variant (default 20; 3 with --quick)")
     p.add_argument("--results", default=str(RESULTS), help="folder for the CSV, markdown and PNG (default: %(default)s)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
+    sizes = QUICK_SIZES if args.quick else {s: SIZES[s] for s in args.sizes.split(",")} if args.sizes else SIZES
     n = args.tokens or (512 if args.quick else 4096)
-    sizes = [(2000, 128)] if args.quick else [(30522, 768), (50265, 1024)]
-    reps = 3 if args.quick else 10
+    reps = args.reps or (3 if args.quick else 20)
+    backends = kernel_backends(device)
     bandwidth = copy_bandwidth(device)
+    print(f"{device}: backends {backends}, copy bandwidth {bandwidth / 1e9:.0f} GB/s", flush=True)
     rows = []
-    for vocab, dim in sizes:
-        torch.manual_seed(0)
-        weight = torch.randn(vocab, dim, device=device)
-        ids = torch.randint(0, vocab, (n // 128 or 1, min(n, 128)), device=device)
+    for size, (vocab, dim) in sizes.items():
+        gen = torch.Generator(device=device).manual_seed(0)
+        weight = torch.randn(vocab, dim, device=device, generator=gen)
+        ids = torch.randint(0, vocab, (n,), device=device, generator=gen)
         x = weight[ids]
+        # Timed once, before anything else builds (and caches) this matrix's table.
+        sync(device)
         t = time.perf_counter()
         table = lf.build_neighbor_table(weight, args.k, backend="torch")
+        sync(device)
         build_ms = (time.perf_counter() - t) * 1e3
-        gaussian = lf.GaussianNoise(ratio=0.05)
-        in_manifold = lf.InManifoldNoise(weight, k=args.k, ratio=0.1, knn_backend="torch")
-        in_manifold.table = table
-
-        def knn_search():  # what searching every step (as the paper does) costs instead of a table
-            d = torch.cdist(x.reshape(-1, dim), weight)
-            return d.topk(args.k + 1, largest=False)
-
-        floor_ms = (args.k + 2) * ids.numel() * dim * 4 / bandwidth * 1e3
-        size = f"{vocab}x{dim}"
-        for variant, fn in (("gaussian", lambda: gaussian(ids, x)), ("in_manifold_reference", lambda: in_manifold(ids, x)),
-                            ("knn_search_per_step", knn_search)):
-            median, p20, p80 = measure(fn, device, reps=reps)
-            rows.append({"variant": variant, "size": size, "tokens": ids.numel(), "median_ms": median, "p20_ms": p20,
-                         "p80_ms": p80, "x_floor": median / floor_ms})
-        rows.append({"variant": "table_build_once", "size": size, "tokens": ids.numel(), "median_ms": build_ms,
-                     "p20_ms": build_ms, "p80_ms": build_ms, "x_floor": build_ms / floor_ms})
-        rows.append({"variant": "bytes_floor", "size": size, "tokens": ids.numel(), "median_ms": floor_ms,
-                     "p20_ms": floor_ms, "p80_ms": floor_ms, "x_floor": 1.0})
-    stem = write_results("noise", rows, device, x="size", out_dir=args.results)
-    print(stem.with_suffix(".md").read_text())
+        floor_ms = (args.k + 2) * n * dim * x.element_size() / bandwidth * 1e3
+        timings = {variant: measure(fn, device, reps=reps)
+                   for variant, fn in noise_variants(weight, table, ids, x, args.k, backends).items()}
+        timings.update(table_build_once=(build_ms,) * 3, bytes_floor=(floor_ms,) * 3)
+        for variant, (median, p20, p80) in timings.items():
+            rows.append({"variant": variant, "size": f"{vocab}x{dim}", "tokens": n, "k": args.k, "dtype": "float32",
+                         "median_ms": median, "p20_ms": p20, "p80_ms": p80, "x_floor": median / floor_ms})
+            print(f"{size} {vocab}x{dim} {variant}: {median:.4g} ms ({median / floor_ms:.3g}x floor)", flush=True)
+    md = render(write_results("noise", rows, device, args.results))
+    print(md.read_text())
 
 
 if __name__ == "__main__":

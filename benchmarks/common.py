@@ -1,5 +1,6 @@
-"""Timing and result files shared by the benchmarks: median and 20/80 percentiles of repeated runs
-(CUDA events on a GPU), rows appended to one CSV per device, rendered to markdown and a PNG."""
+"""What every benchmark of the LNSR step shares (DESIGN.md §5–§6): timing (median and 20/80 percentiles,
+CUDA events on a GPU), the copy bandwidth behind the bytes floors, the kernel backends worth timing on a
+device, and rows appended to one CSV per card (benchmarks/render.py turns it into markdown and plots)."""
 from __future__ import annotations
 
 import csv
@@ -7,25 +8,37 @@ import platform
 import re
 import statistics
 import time
+from importlib import metadata
 from pathlib import Path
 
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
+# One process is one run: every row it writes carries this, so ratios and comparisons can be read
+# within a run (same card, same load) even when several runs share a CSV.
+RUN = time.strftime("%Y-%m-%d %H:%M:%S")
 
 
 def device_name(device: torch.device) -> str:
+    """The card's name, or the CPU's with the thread count torch uses."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"CPU {platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"
 
 
 def device_tag(device: torch.device) -> str:
+    """device_name as a file-name fragment."""
     return re.sub(r"[^A-Za-z0-9]+", "-", device_name(device)).strip("-").lower()
 
 
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work (a no-op on the CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def measure(fn, device: torch.device, warmup: int = 2, reps: int = 10) -> tuple[float, float, float]:
-    """(median, p20, p80) of fn's wall time in milliseconds."""
+    """(median, p20, p80) of fn's time in milliseconds over `reps` calls after `warmup` calls."""
     for _ in range(warmup):
         fn()
     times = []
@@ -41,56 +54,65 @@ def measure(fn, device: torch.device, warmup: int = 2, reps: int = 10) -> tuple[
             t = time.perf_counter()
             fn()
             times.append((time.perf_counter() - t) * 1e3)
-    q = statistics.quantiles(times, n=10) if len(times) > 1 else times * 9
+    # "inclusive": interpolate between measured times; the default method extrapolates past them.
+    q = statistics.quantiles(times, n=10, method="inclusive") if len(times) > 1 else times * 9
     return statistics.median(times), q[1], q[7]
 
 
-def write_results(name: str, rows: list[dict], device: torch.device, x: str, y: str = "median_ms",
-                  out_dir: Path = RESULTS) -> Path:
-    """Append rows to <out_dir>/<name>_<device>.csv; write the run's markdown table and a PNG plot."""
+def copy_bandwidth(device: torch.device) -> float:
+    """Bytes per second of a large device copy (read + write): the rate the bytes floors assume."""
+    src = torch.empty(64 * 2**20 // 4, device=device)
+    dst = torch.empty_like(src)
+    median, _, _ = measure(lambda: dst.copy_(src), device)
+    return 2 * src.numel() * 4 / (median / 1e3)
+
+
+def kernel_backends(device: torch.device) -> list[str]:
+    """The backends that run natively on `device`, best first. On the CPU that is "torch" only: Triton
+    there is its interpreter (TRITON_INTERPRET=1), a test vehicle whose speed means nothing."""
+    from lnsr_fast.kernels import available_backends
+
+    found = available_backends(device)
+    return found if device.type == "cuda" else [b for b in found if b == "torch"]
+
+
+def versions(device: torch.device) -> dict:
+    """Card, software versions and kernel backends, recorded with every row."""
+    def version(package):
+        try:
+            return metadata.version(package)
+        except metadata.PackageNotFoundError:
+            return ""
+
+    return {"device": device_name(device), "torch": torch.__version__, "transformers": version("transformers"),
+            "triton": version("triton"), "lnsr_fast": version("lnsr_fast"),
+            "backends": " ".join(kernel_backends(device))}
+
+
+def write_results(name: str, rows: list[dict], device: torch.device, out_dir: Path = RESULTS) -> Path:
+    """Append rows (with run, device and versions) to <out_dir>/<name>_<device>.csv; returns its path.
+
+    A file written with other columns (an older version of the benchmark) is rewritten with the union of
+    both, earlier rows left blank in the new columns, so one card keeps one file.
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = out_dir / f"{name}_{device_tag(device)}"
-    versions = {"device": device_name(device), "torch": torch.__version__}
-    rows = [{**r, **versions} for r in rows]
-    fields = list(rows[0])
-    csv_path = stem.with_suffix(".csv")
-    new = not csv_path.exists()
-    with csv_path.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        if new:
+    path = out_dir / f"{name}_{device_tag(device)}.csv"
+    meta = {"run": RUN, **versions(device)}
+    rows = [{**r, **meta} for r in rows]
+    fields = list(dict.fromkeys(k for r in rows for k in r))
+    old_rows, rewrite = [], False
+    if path.exists():
+        with path.open(newline="") as f:
+            reader = csv.DictReader(f)
+            old_fields = reader.fieldnames or []
+            if not set(fields) <= set(old_fields):
+                old_rows, rewrite = list(reader), True
+            fields = list(dict.fromkeys([*old_fields, *fields]))
+    header = rewrite or not path.exists()
+    with path.open("w" if header else "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields, restval="")
+        if header:
             writer.writeheader()
-        writer.writerows(rows)
-    lines = ["| " + " | ".join(fields) + " |", "|" + "---|" * len(fields)]
-    lines += ["| " + " | ".join(_fmt(r[k]) for k in fields) + " |" for r in rows]
-    stem.with_suffix(".md").write_text(f"# {name} on {device_name(device)}\n\n" + "\n".join(lines) + "\n")
-    _plot(rows, stem.with_suffix(".png"), x, y, f"{name} on {device_name(device)}")
-    return stem
-
-
-def _fmt(v) -> str:
-    return f"{v:.4g}" if isinstance(v, float) else str(v)
-
-
-def _plot(rows, path: Path, x: str, y: str, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    variants = list(dict.fromkeys(r["variant"] for r in rows))
-    xs = list(dict.fromkeys(str(r[x]) for r in rows))
-    width = 0.8 / len(variants)
-    for i, v in enumerate(variants):
-        vals = {str(r[x]): r[y] for r in rows if r["variant"] == v}
-        ax.bar([j + i * width for j in range(len(xs))], [vals.get(s, 0) for s in xs], width, label=v)
-    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(xs))], xs)
-    ax.set_yscale("log")
-    ax.set_xlabel(x)
-    ax.set_ylabel(f"{y} (log scale)")
-    ax.set_title(title)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+        writer.writerows(old_rows + rows)
+    return path

@@ -13,12 +13,15 @@ from .stability import layerwise_stability
 
 __version__ = "0.1.0"
 __all__ = ["LNSR", "GaussianNoise", "InManifoldNoise", "build_neighbor_table", "layerwise_stability",
-           "LNSRConfig", "LNSRTrainer"]
+           "LNSRConfig", "LNSRTrainer", "methods"]
 
 
 def __getattr__(name):
-    # The trainer imports transformers' Trainer (slow); load it only when asked for.
+    # The trainer imports transformers' Trainer (slow); load it, and the peer methods, only when asked for.
     if name in ("LNSRConfig", "LNSRTrainer"):
         from . import trainer
         return getattr(trainer, name)
+    if name == "methods":
+        import importlib
+        return importlib.import_module(".methods", __name__)
     raise AttributeError(f"module 'lnsr_fast' has no attribute {name!r}")

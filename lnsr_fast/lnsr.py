@@ -15,6 +15,7 @@ from torch import nn
 
 from . import heads
 from .dropout import UnpairableRandomness, paired_dropout, rng_state, set_rng_state
+from .kernels import BACKENDS
 from .noise import check_token_ids
 from .stability import REDUCTIONS, layerwise_stability, resolve_weights
 
@@ -61,7 +62,9 @@ class LNSR:
     (0 = embedding output); default 1..L, every transformer layer. mode: "concat" (one 2B pass) or
     "two_pass". dropout: "shared" gives both halves the same dropout masks, so that the penalty
     measures the noise and not dropout mismatch (DESIGN.md §2); "independent" keeps separate masks.
-    Every other batch entry (token_type_ids, position_ids, ...) is passed to the model.
+    backend: the penalty's backend, "auto" | "cuda" | "triton" | "torch" (see lnsr_fast.kernels); the
+    noise's is the sampler's own. Every other batch entry (token_type_ids, position_ids, ...) is passed
+    to the model.
 
     >>> lnsr = LNSR(model, GaussianNoise(ratio=0.05, seed=0), weight=1.0)
     >>> outputs, reg = lnsr(**batch)
@@ -69,7 +72,7 @@ class LNSR:
     """
 
     def __init__(self, model: nn.Module, noise, weight=1.0, layers=None, mode: str = "concat",
-                 dropout: str = "shared", reduction: str = "sum", detach_clean: bool = False):
+                 dropout: str = "shared", reduction: str = "sum", detach_clean: bool = False, backend: str = "auto"):
         if not callable(getattr(model, "get_input_embeddings", None)):
             raise TypeError(f"model must have get_input_embeddings() (a Hugging Face model), got {type(model).__name__}")
         params = _forward_parameters(model)
@@ -88,12 +91,15 @@ class LNSR:
             raise ValueError(f"dropout must be one of {DROPOUT_MODES}, got {dropout!r}")
         if reduction not in REDUCTIONS:
             raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         if layers is not None:
             layers = list(layers)
             if not layers or not all(isinstance(r, int) and not isinstance(r, bool) for r in layers):
                 raise ValueError(f"layers must be a non-empty sequence of ints, got {layers!r}")
         self.model, self.noise, self.mode, self.dropout = model, noise, mode, dropout
         self.reduction, self.detach_clean, self.weight, self.layers = reduction, detach_clean, weight, layers
+        self.backend = backend
         self.head = heads.head_kind(model)
         self._passes_use_cache = "use_cache" in params
         self._position_ids = position_ids_from_input_ids(model) if "position_ids" in params else None
@@ -171,7 +177,7 @@ class LNSR:
         noisy = [noisy_hidden[r] for r in layers]
         if self.detach_clean:
             clean = [h.detach() for h in clean]
-        return layerwise_stability(clean, noisy, mask, weights, self.reduction)
+        return layerwise_stability(clean, noisy, mask, weights, self.reduction, self.backend)
 
     def _concat(self, model, x, eps, batch, labels, num_items, shared):
         b = x.shape[0]

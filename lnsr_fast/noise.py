@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .kernels import reference
+from .kernels import BACKENDS, ops, reference, resolve_backend
 from .neighbors import KNN_BACKENDS, build_neighbor_table, check_embedding_matrix
 
 _MASK64 = (1 << 64) - 1
@@ -77,25 +77,27 @@ def check_noise_inputs(input_ids, inputs_embeds, attention_mask, vocab_size: int
 class _NoiseSampler:
     """Seed, step counter and per-device generators shared by the samplers.
 
-    Each call draws from a generator seeded by (seed, rank, step): a run is reproducible on the same
+    Each call draws with a seed derived from (seed, rank, step): a run is reproducible on the same
     backend, DDP ranks draw different noise, and restoring `step` resumes the exact sequence.
+    backend: "auto" | "cuda" | "triton" | "torch", resolved per call for the device of the inputs
+    (see lnsr_fast.kernels).
     """
 
-    def __init__(self, ratio: float, seed: int):
+    def __init__(self, ratio: float, seed: int, backend: str):
         self.ratio = _check_ratio(ratio)
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise TypeError(f"seed must be an int, got {type(seed).__name__}")
-        self.seed = seed
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        self.seed, self.backend = seed, backend
         self.step = 0
-        self._generators: dict[torch.device, torch.Generator] = {}
 
-    def _generator(self, device: torch.device) -> torch.Generator:
-        gen = self._generators.get(device)
-        if gen is None:
-            gen = self._generators[device] = torch.Generator(device=device)
+    def _next_seed(self) -> int:
+        """This call's seed (63 bits, for the backends' generators); advances `step`."""
         rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-        gen.manual_seed(_mix(self.seed, rank, self.step))
-        return gen
+        seed = _mix(self.seed, rank, self.step)
+        self.step += 1
+        return seed
 
     def state_dict(self) -> dict:
         return {"seed": self.seed, "step": self.step, "ratio": self.ratio}
@@ -104,7 +106,7 @@ class _NoiseSampler:
         self.seed, self.step, self.ratio = int(state["seed"]), int(state["step"]), float(state["ratio"])
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(ratio={self.ratio}, seed={self.seed}, step={self.step})"
+        return f"{type(self).__name__}(ratio={self.ratio}, seed={self.seed}, step={self.step}, backend={self.backend!r})"
 
 
 class GaussianNoise(_NoiseSampler):
@@ -114,23 +116,46 @@ class GaussianNoise(_NoiseSampler):
     >>> eps = noise(input_ids, inputs_embeds, attention_mask)   # input_ids may be None here
     """
 
-    def __init__(self, ratio: float = 0.05, seed: int = 0):
-        super().__init__(ratio, seed)
+    def __init__(self, ratio: float = 0.05, seed: int = 0, backend: str = "auto"):
+        super().__init__(ratio, seed, backend)
 
     @torch.no_grad()
     def __call__(self, input_ids, inputs_embeds, attention_mask=None) -> torch.Tensor:
         real = check_noise_inputs(input_ids, inputs_embeds, attention_mask)
         x = inputs_embeds.detach()
-        gen = self._generator(x.device)
-        self.step += 1
-        z = torch.randn(x.shape, generator=gen, device=x.device, dtype=torch.float32)
-        return reference.gaussian_noise(x, z, self.ratio, real).to(x.dtype)
+        backend = resolve_backend(self.backend, x.device, x.dtype)
+        seed = self._next_seed()
+        eps = ops.gaussian_noise(x.reshape(-1, x.shape[-1]), None if real is None else real.reshape(-1),
+                                 self.ratio, seed, backend)
+        return eps.view_as(x)
+
+
+def embedding_scale(embedding) -> float:
+    """The scalar s with embedding(ids) = s·weight[ids]: 1 for nn.Embedding, e.g. √d for the scaled
+    word embeddings of BART or Gemma. The kernels gather neighbour rows from the weight matrix, so
+    they need s to put them on the scale of x; a forward that is not a scaled lookup is refused."""
+    if not isinstance(embedding, nn.Module):
+        return 1.0
+    weight = embedding.weight
+    ids = torch.arange(min(weight.shape[0], 64), device=weight.device)
+    refused = TypeError(f"embedding {type(embedding).__name__}'s forward is not a (scaled) row lookup of its "
+                        "weight; InManifoldNoise gathers neighbours from the weight matrix")
+    try:
+        with torch.no_grad():
+            out, rows = embedding(ids).double(), weight[ids].double()
+    except (RuntimeError, TypeError, ValueError, IndexError) as e:
+        raise refused from e
+    norm = rows.pow(2).sum()
+    scale = float((out * rows).sum() / norm) if norm > 0 else 1.0
+    if out.shape != rows.shape or not torch.allclose(out, scale * rows, rtol=1e-2, atol=1e-6 * float(out.abs().max())):
+        raise refused
+    return scale
 
 
 class InManifoldNoise(_NoiseSampler):
     """In-manifold LNSR noise: an isotropic Gaussian inside the span of each token's k nearest
     vocabulary embeddings (differences to the token, orthonormalised by modified Gram–Schmidt in fp32),
-    rescaled per token to ‖ε_t‖ = ratio·‖x_t‖.
+    rescaled per token to ‖ε_t‖ = ratio·‖x_t‖. backend: as for GaussianNoise.
 
     embedding: the model's input-embedding module (or its [vocab, dim] weight); the neighbour table is
     built from it at construction and rebuilt every `refresh_every` calls (None: never, since
@@ -142,16 +167,13 @@ class InManifoldNoise(_NoiseSampler):
     """
 
     def __init__(self, embedding, k: int = 10, ratio: float = 0.1, seed: int = 0, refresh_every: int | None = None,
-                 knn_backend: str = "auto", rank_tol: float = reference.DEFAULT_RANK_TOL):
-        super().__init__(ratio, seed)
-        self._weight_of = (lambda: embedding.weight) if isinstance(embedding, nn.Module) else (lambda: embedding)
-        # Neighbour rows go through the module's own forward, so that an embedding that scales its
-        # output (BART, Gemma, ...) gives neighbours on the same scale as x. A scalar scale leaves
-        # the nearest neighbours of the raw matrix unchanged.
-        self._embed = embedding if isinstance(embedding, nn.Module) else (lambda ids: embedding[ids])
+                 knn_backend: str = "auto", rank_tol: float = reference.DEFAULT_RANK_TOL, backend: str = "auto"):
+        super().__init__(ratio, seed, backend)
         if isinstance(embedding, nn.Module) and not isinstance(getattr(embedding, "weight", None), torch.Tensor):
             raise TypeError(f"embedding must be an nn.Embedding or a [vocab, dim] tensor, got {type(embedding).__name__}")
+        self._weight_of = (lambda: embedding.weight) if isinstance(embedding, nn.Module) else (lambda: embedding)
         check_embedding_matrix(self._weight_of())
+        self.embed_scale = embedding_scale(embedding)
         if refresh_every is not None and (isinstance(refresh_every, bool) or not isinstance(refresh_every, int) or refresh_every < 1):
             raise ValueError(f"refresh_every must be None or a positive int, got {refresh_every!r}")
         if knn_backend not in KNN_BACKENDS:
@@ -176,20 +198,18 @@ class InManifoldNoise(_NoiseSampler):
         real = check_noise_inputs(input_ids, inputs_embeds, attention_mask, vocab_size=weight.shape[0])
         if weight.shape[1] != inputs_embeds.shape[-1]:
             raise ValueError(f"inputs_embeds has width {inputs_embeds.shape[-1]} but the embedding matrix has {weight.shape[1]}")
+        if weight.device != inputs_embeds.device:
+            raise ValueError(f"inputs_embeds is on {inputs_embeds.device} but the embedding matrix on {weight.device}")
         if self.refresh_every is not None and self.step - self._table_step >= self.refresh_every:
             self.refresh()
         x = inputs_embeds.detach().reshape(-1, inputs_embeds.shape[-1])
-        ids = input_ids.reshape(-1)
-        gen = self._generator(x.device)
-        self.step += 1
-        z = torch.randn(x.shape[0], self.k, generator=gen, device=x.device, dtype=torch.float32)
-        fallback_z = torch.randn(x.shape, generator=gen, device=x.device, dtype=torch.float32)
-        table = self.table.to(x.device)
-        neighbor_rows = self._embed(table[ids].long()).detach()
-        eps, fell_back = reference.in_manifold_noise(
-            x, neighbor_rows, z, fallback_z, self.ratio, None if real is None else real.reshape(-1), self.rank_tol)
+        backend = resolve_backend(self.backend, x.device, x.dtype)
+        self.table = self.table.to(x.device)
+        eps, fell_back = ops.in_manifold_noise(
+            x, input_ids.reshape(-1).long(), self.table, weight.detach(), None if real is None else real.reshape(-1),
+            self.ratio, self.rank_tol, self._next_seed(), self.embed_scale, backend)
         self.fallback_count = self.fallback_count.to(x.device) + fell_back.sum()
-        return eps.to(x.dtype).view_as(inputs_embeds)
+        return eps.view_as(inputs_embeds)
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "k": self.k, "table": self.table.cpu(), "table_step": self._table_step,

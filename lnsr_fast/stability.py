@@ -6,7 +6,7 @@ from typing import Sequence
 
 import torch
 
-from .kernels import reference
+from .kernels import ops, resolve_backend
 
 REDUCTIONS = ("sum", "mean")
 
@@ -26,46 +26,17 @@ def resolve_weights(weights, n_layers: int, name: str = "weights") -> list[float
     return weights
 
 
-class _LayerwiseStability(torch.autograd.Function):
-    """Saves only the hidden states (already alive in the graph), not a per-layer fp32 difference."""
-
-    @staticmethod
-    def forward(ctx, real, weights, reduction, *hidden):
-        n = len(hidden) // 2
-        clean, noisy = hidden[:n], hidden[n:]
-        ctx.save_for_backward(real, *hidden)
-        ctx.weights, ctx.reduction = weights, reduction
-        return reference.layerwise_stability(clean, noisy, real, weights, reduction)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad):
-        real, *hidden = ctx.saved_tensors
-        n = len(hidden) // 2
-        dt = grad.dtype
-        n_real = real.sum().clamp_min(1).to(dt) if real is not None else hidden[0].shape[:-1].numel()
-        scale = 2 * grad / n_real
-        if ctx.reduction == "mean":
-            scale = scale / hidden[0].shape[-1]
-        grads_clean, grads_noisy = [], []
-        for h, h_noisy, w in zip(hidden[:n], hidden[n:], ctx.weights):
-            g = (h.to(dt) - h_noisy.to(dt)) * (w * scale)
-            if real is not None:
-                g = torch.where(real[..., None], g, 0.0)
-            grads_clean.append(g.to(h.dtype) if ctx.needs_input_grad[3 + len(grads_clean)] else None)
-            grads_noisy.append((-g).to(h_noisy.dtype) if ctx.needs_input_grad[3 + n + len(grads_noisy)] else None)
-        return (None, None, None, *grads_clean, *grads_noisy)
-
-
 def layerwise_stability(clean_hidden: Sequence[torch.Tensor], noisy_hidden: Sequence[torch.Tensor],
-                        attention_mask: torch.Tensor | None = None, weights=1.0, reduction: str = "sum") -> torch.Tensor:
+                        attention_mask: torch.Tensor | None = None, weights=1.0, reduction: str = "sum",
+                        backend: str = "auto") -> torch.Tensor:
     """The LNSR penalty over chosen layers, padding excluded, accumulated in fp32.
 
     clean_hidden, noisy_hidden: equally long sequences of [B, T, d] tensors (layer r of the clean and
     of the noisy pass; views into one concatenated batch are fine). reduction="sum": per layer, the mean
     over real tokens of ‖h_t − h̃_t‖² (eq. 11); "mean": also divided by d (so λ must be d times larger
-    for the same effect). weights: one λ for all layers or one per layer. Returns a differentiable
-    0-dim fp32 tensor (float64 for float64 inputs), 0 when no token is real.
+    for the same effect). weights: one λ for all layers or one per layer. backend: "auto" | "cuda" |
+    "triton" | "torch" (see lnsr_fast.kernels). Returns a differentiable 0-dim fp32 tensor (float64 for
+    float64 inputs), 0 when no token is real.
 
     >>> reg = layerwise_stability(out.hidden_states[1:], noisy_out.hidden_states[1:], attention_mask)
     """
@@ -97,4 +68,8 @@ def layerwise_stability(clean_hidden: Sequence[torch.Tensor], noisy_hidden: Sequ
         if attention_mask.shape != shape[:-1]:
             raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {tuple(shape[:-1])}")
         real = (attention_mask != 0).to(device)
-    return _LayerwiseStability.apply(real, weights, reduction, *clean_hidden, *noisy_hidden)
+    dtypes = {h.dtype for h in clean_hidden + noisy_hidden}
+    if backend == "auto" and len(dtypes) > 1:  # the kernels take one activation dtype per call
+        backend = "torch"
+    backend = resolve_backend(backend, device, torch.float64 if torch.float64 in dtypes else None)
+    return ops.layerwise_stability(clean_hidden, noisy_hidden, real, weights, reduction, backend)

@@ -1,5 +1,12 @@
+import os
+
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    # The Triton kernels run under the interpreter on the CPU; it is chosen when a kernel module is
+    # imported, so this must come first (`import lnsr_fast` never imports them).
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="module")

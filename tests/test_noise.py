@@ -8,12 +8,26 @@ import pytest
 import torch
 from torch import nn
 
-from lnsr_fast import neighbors
+from lnsr_fast import kernels, neighbors
+from lnsr_fast import noise as noise_module
 from lnsr_fast.kernels import reference
 from lnsr_fast.noise import GaussianNoise, InManifoldNoise
 
 V, D, K = 64, 16, 5
 SAMPLERS = ["gaussian", "in_manifold"]
+
+
+@pytest.fixture(autouse=True, params=kernels.available_backends("cpu"))
+def backend(request, monkeypatch):
+    """Every sampler test runs on every backend the CPU offers (Triton under its interpreter): here
+    `backend="auto"` resolves to the backend under test; float64 stays with the reference."""
+    resolve = noise_module.resolve_backend
+
+    def resolve_under_test(backend, device, dtype=None):
+        return resolve(request.param if backend == "auto" and dtype != torch.float64 else backend, device, dtype)
+
+    monkeypatch.setattr(noise_module, "resolve_backend", resolve_under_test)
+    return request.param
 
 
 @pytest.fixture(autouse=True)
@@ -223,10 +237,13 @@ def _coefficient_spectrum(w, n=4000, seed=0):
     return torch.linalg.eigvalsh(coef.T @ coef / n) / (r2 / 5)
 
 
-def test_in_manifold_noise_is_isotropic_inside_the_span():
-    ev = _coefficient_spectrum(_isotropy_setup())
-    # For 4000 draws on the 5-sphere the eigenvalues lie within ~±0.1 of 1.
-    assert ev.min() > 0.8 and ev.max() < 1.2, ev
+def test_in_manifold_noise_is_isotropic_inside_the_span(backend):
+    # For 4000 draws on the 5-sphere the eigenvalues lie within ~±0.1 of 1. The Triton interpreter runs
+    # one token per program (slow on a CPU): 1000 draws, ~±0.2, still far inside the ≥3× spread of the
+    # broken orthonormalisations below.
+    n, tol = (4000, 0.2) if backend == "torch" or torch.cuda.is_available() else (1000, 0.25)
+    ev = _coefficient_spectrum(_isotropy_setup(), n=n)
+    assert ev.min() > 1 - tol and ev.max() < 1 + tol, ev
 
 
 def _mgs_without_normalisation(diffs, rank_tol=reference.DEFAULT_RANK_TOL):
@@ -242,6 +259,7 @@ def _raw_differences(diffs, rank_tol=reference.DEFAULT_RANK_TOL):
 _REAL_MGS = reference.orthonormal_directions
 
 
+@pytest.mark.parametrize("backend", ["torch"], indirect=True)  # it breaks the reference on purpose
 @pytest.mark.parametrize("broken", [_mgs_without_normalisation, _raw_differences])
 def test_isotropy_check_catches_broken_orthonormalisation(monkeypatch, broken):
     """The statistic of the test above has the power to see un-normalised or raw directions."""
@@ -502,6 +520,7 @@ def test_reference_fp32_agrees_with_float64(op):
 
 
 @pytest.mark.parametrize("kind", SAMPLERS)
+@pytest.mark.parametrize("backend", ["torch"], indirect=True)  # float64 runs on the reference: same draws
 def test_sampler_float64_agrees_with_fp32(kind):
     w = make_vocab()
     ids, x, mask = make_batch(w)
@@ -613,13 +632,11 @@ def test_non_finite_embedding_at_construction(bad):
         InManifoldNoise(emb, k=K, knn_backend="torch")
 
 
-@pytest.mark.parametrize("emb, exc", [(nn.Linear(3, 4, bias=False), None), (nn.ReLU(), TypeError),
+@pytest.mark.parametrize("emb, exc", [(nn.Linear(3, 4, bias=False), TypeError), (nn.ReLU(), TypeError),
                                       ([[0.0, 1.0]], TypeError), (torch.zeros(V), ValueError),
                                       (torch.arange(12).view(4, 3), TypeError)])
 def test_bad_embedding(emb, exc):
-    if exc is None:  # any module with a [vocab, dim] weight works (here 4 x 3)
-        InManifoldNoise(emb, k=2, knn_backend="torch")
-        return
+    # A Linear has a [4, 3] weight, but its forward is no row lookup: the kernels could not gather from it.
     with pytest.raises(exc, match="embedding"):
         InManifoldNoise(emb, k=2, knn_backend="torch")
 

@@ -104,3 +104,29 @@ def layerwise_stability(
         total = total + w * per_token.sum()
     n_real = real.sum() if real is not None else torch.tensor(clean[0].shape[:-1].numel(), device=total.device)
     return total / n_real.clamp_min(1).to(dt)
+
+
+def layerwise_stability_backward(
+    grad: torch.Tensor,
+    clean: Sequence[torch.Tensor],
+    noisy: Sequence[torch.Tensor],
+    real: torch.Tensor | None,
+    weights: Sequence[float],
+    reduction: str = "sum",
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Gradients of `layerwise_stability` given its upstream gradient `grad` (0-dim).
+
+    ∂/∂h_r = 2·grad·w_r·(h_r − h̃_r) / #real (also / d for `mean`), 0 at padding; ∂/∂h̃_r is its
+    negative. Each gradient comes back in its input's dtype.
+    """
+    dt = grad.dtype
+    n_real = real.sum().clamp_min(1).to(dt) if real is not None else clean[0].shape[:-1].numel()
+    grads_clean, grads_noisy = [], []
+    for h, h_noisy, w in zip(clean, noisy, weights):
+        scale = 2 * w * grad / (n_real * h.shape[-1] if reduction == "mean" else n_real)
+        g = (h.to(dt) - h_noisy.to(dt)) * scale
+        if real is not None:
+            g = torch.where(real[..., None], g, 0.0)
+        grads_clean.append(g.to(h.dtype))
+        grads_noisy.append((-g).to(h_noisy.dtype))
+    return grads_clean, grads_noisy
