@@ -43,6 +43,24 @@ def position_ids_from_input_ids(model):
     return None
 
 
+def split_inputs(model, batch: dict, position_ids=None) -> tuple:
+    """(input_ids, given inputs_embeds or None, the other model inputs) of a batch, for a pass on word
+    embeddings: input_ids are checked when they are to be embedded, and `position_ids`
+    (position_ids_from_input_ids) adds the positions a RoBERTa-style model derives from input_ids,
+    since it counts every position when it sees inputs_embeds instead."""
+    batch = dict(batch)
+    input_ids, given = batch.pop("input_ids", None), batch.pop("inputs_embeds", None)
+    if given is None:
+        if input_ids is None:
+            raise ValueError("the batch needs input_ids or inputs_embeds")
+        if not isinstance(input_ids, torch.Tensor) or input_ids.is_floating_point():
+            raise TypeError(f"input_ids must be an integer tensor, got {getattr(input_ids, 'dtype', type(input_ids).__name__)}")
+        check_token_ids(input_ids, model.get_input_embeddings().weight.shape[0])
+    if input_ids is not None and position_ids is not None and batch.get("position_ids") is None:
+        batch["position_ids"] = position_ids(input_ids)
+    return input_ids, given, batch
+
+
 def num_hidden_layers(model) -> int | None:
     """L, so that hidden_states has L+1 entries (the embedding output first); None when unknown."""
     config = getattr(model, "config", None)
@@ -129,19 +147,11 @@ class LNSR:
     def compute(self, batch: dict, model: nn.Module | None = None):
         """`lnsr(**batch)`, optionally through another callable wrapping the same model (e.g. DDP)."""
         model = self.model if model is None else model
-        batch = dict(batch)
-        input_ids, x = batch.pop("input_ids", None), batch.pop("inputs_embeds", None)
+        input_ids, x, batch = split_inputs(self.model, batch, self._position_ids)
         if x is None:
-            if input_ids is None:
-                raise ValueError("the batch needs input_ids or inputs_embeds")
-            if not isinstance(input_ids, torch.Tensor) or input_ids.is_floating_point():
-                raise TypeError(f"input_ids must be an integer tensor, got {getattr(input_ids, 'dtype', type(input_ids).__name__)}")
-            check_token_ids(input_ids, self.model.get_input_embeddings().weight.shape[0])
             x = self.model.get_input_embeddings()(input_ids)
         if isinstance(x, torch.Tensor) and x.dim() >= 2 and x.shape[0] == 0:
             raise ValueError(f"the batch is empty (inputs of shape {tuple(x.shape)}); LNSR needs at least one row")
-        if input_ids is not None and self._position_ids is not None and batch.get("position_ids") is None:
-            batch["position_ids"] = self._position_ids(input_ids)
         mask = batch.get("attention_mask")
         eps = self.noise(input_ids, x, mask)
         labels = {k: batch.pop(k) for k in heads.LABEL_KEYS if k in batch}

@@ -152,8 +152,9 @@ class LNSRTrainer(Trainer):
             else:
                 allowed = defaults(self.method_name)
                 context = {"seed": self.args.seed, "gradient_accumulation_steps": self.args.gradient_accumulation_steps}
+                # method_args win over the TrainingArguments (e.g. a noise seed of its own).
                 method = build(self.method_name, self.model,
-                               **{k: v for k, v in context.items() if k in allowed}, **self.method_args)
+                               **{**{k: v for k, v in context.items() if k in allowed}, **self.method_args})
             if self._runs_own_step(method):
                 if self.args.label_smoothing_factor or self.compute_loss_func is not None:
                     raise ValueError(f"method {method.name!r} computes its own objective from the model's loss; "

@@ -509,6 +509,13 @@ def test_noise_only_sampler_state_goes_into_checkpoints(tmp_path):
     assert state["step"] == 2 and trainer.method.noise.step == 3
 
 
+@pytest.mark.parametrize("method", ["lnsr", "noise_only_in_manifold"])
+def test_method_args_override_the_training_arguments(tmp_path, method):
+    args = training_args(tmp_path, seed=3)
+    assert LNSRTrainer(model=tiny_bert(), args=args, method=method).method.noise.seed == 3
+    assert LNSRTrainer(model=tiny_bert(), args=args, method=method, method_args={"seed": 11}).method.noise.seed == 11
+
+
 def test_trainer_rejects_bad_method_settings(tmp_path):
     common = dict(model=tiny_bert(), args=training_args(tmp_path))
     with pytest.raises(ValueError, match="smart.*'sam'"):

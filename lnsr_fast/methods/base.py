@@ -11,8 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import heads
-from ..lnsr import position_ids_from_input_ids
-from ..noise import check_token_ids
+from ..lnsr import position_ids_from_input_ids, split_inputs
 
 
 class Method:
@@ -77,17 +76,7 @@ class EmbeddingMethod(Method):
         The model inputs gain the position ids a RoBERTa-style model derives from input_ids (it counts every
         position when it sees inputs_embeds instead); the targets are the labels and `num_items_in_batch`.
         """
-        batch = dict(batch)
-        input_ids, given = batch.pop("input_ids", None), batch.pop("inputs_embeds", None)
-        if given is None:
-            if input_ids is None:
-                raise ValueError("the batch needs input_ids or inputs_embeds")
-            if not isinstance(input_ids, torch.Tensor) or input_ids.is_floating_point():
-                got = getattr(input_ids, "dtype", type(input_ids).__name__)
-                raise TypeError(f"input_ids must be an integer tensor, got {got}")
-            check_token_ids(input_ids, self.model.get_input_embeddings().weight.shape[0])
-        if input_ids is not None and self._position_ids is not None and batch.get("position_ids") is None:
-            batch["position_ids"] = self._position_ids(input_ids)
+        input_ids, given, batch = split_inputs(self.model, batch, self._position_ids)
         targets = {k: batch.pop(k) for k in (*heads.LABEL_KEYS, "num_items_in_batch") if k in batch}
         return input_ids, given, batch, targets
 

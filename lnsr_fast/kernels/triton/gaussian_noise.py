@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import launch_config
+from .launch import launch_config, row_tile
 
 TINY = tl.constexpr(1.1754943508222875e-38)  # torch.finfo(torch.float32).tiny: the reference's clamp of ‖ε_t‖
 
@@ -14,23 +14,14 @@ TINY = tl.constexpr(1.1754943508222875e-38)  # torch.finfo(torch.float32).tiny: 
 @triton.jit(do_not_specialize=["seed"])
 def _gaussian_noise_kernel(x_ptr, real_ptr, z_ptr, eps_ptr, n_rows, d, ratio, seed,
                            ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
-    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
-    cols = tl.arange(0, BLOCK_D)
-    in_rows = rows < n_rows
-    live = in_rows
-    if real_ptr is not None:
-        live = live & (tl.load(real_ptr + rows, mask=in_rows, other=0) != 0)
-    offs = rows[:, None] * d + cols[None, :]
-    in_cols = (cols < d)[None, :]
-    # Padding rows are never read (they may hold anything) and draw 0, so their ε is 0.
-    live2 = live[:, None] & in_cols
+    offs, live2, in_tile = row_tile(real_ptr, n_rows, d, ROWS, BLOCK_D)
     x = tl.load(x_ptr + offs, mask=live2, other=0.0).to(tl.float32)
     if z_ptr is None:
         z = tl.where(live2, tl.randn(seed, offs), 0.0)  # counter = element index t·d + c
     else:
         z = tl.load(z_ptr + offs, mask=live2, other=0.0)
     scale = ratio * tl.sqrt(tl.sum(x * x, axis=1)) / tl.maximum(tl.sqrt(tl.sum(z * z, axis=1)), TINY)
-    tl.store(eps_ptr + offs, (z * scale[:, None]).to(eps_ptr.dtype.element_ty), mask=in_rows[:, None] & in_cols)
+    tl.store(eps_ptr + offs, (z * scale[:, None]).to(eps_ptr.dtype.element_ty), mask=in_tile)
 
 
 def gaussian_noise(x: torch.Tensor, ratio: float, seed: int, real: torch.Tensor | None = None,

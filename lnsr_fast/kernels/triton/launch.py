@@ -1,8 +1,11 @@
 """Launch settings of the Triton kernels of the LNSR step (DESIGN.md §1): tile sizes and warps from the
-row width and k, and the limits of what the kernels handle."""
+row width and k, the limits of what the kernels handle, and the row tile the row-wise kernels share."""
 from __future__ import annotations
 
 from typing import NamedTuple
+
+import triton
+import triton.language as tl
 
 # Every kernel keeps whole rows in registers: ε_t can only be written once ‖x_t‖ and ‖ε_t‖ are known,
 # and a row read once is never read again.
@@ -43,3 +46,18 @@ def launch_config(width: int, k: int | None = None, width_name: str = "d") -> La
     tile = rows * block_k * block_d
     num_warps = min(_MAX_WARPS, max(4, tile // (32 * _PER_THREAD)))
     return Launch(block_k, block_d, rows, num_warps)
+
+
+@triton.jit
+def row_tile(real_ptr, n_rows, d, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The [ROWS, BLOCK_D] tile of program_id(0) over rows of width d: (element offsets, mask of the
+    real tokens' elements, mask of every element in bounds). Padding rows are never read — they may hold
+    anything, NaN included — but are written (with 0) through the second mask."""
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    cols = tl.arange(0, BLOCK_D)
+    in_rows = rows < n_rows
+    live = in_rows
+    if real_ptr is not None:
+        live = live & (tl.load(real_ptr + rows, mask=in_rows, other=0) != 0)
+    in_cols = (cols < d)[None, :]
+    return rows[:, None] * d + cols[None, :], live[:, None] & in_cols, in_rows[:, None] & in_cols

@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import launch_config
+from .launch import launch_config, row_tile
 
 
 @triton.jit
@@ -30,19 +30,10 @@ def _difference_tile(meta_ptr, like_ptr, real_ptr, n_rows, META: tl.constexpr, R
     if VEC > 1:
         d = tl.multiple_of(d, VEC)
     coef = tl.load(meta + 1).to(tl.float64, bitcast=True).to(tl.float32)
-    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
-    cols = tl.arange(0, BLOCK_D)
-    in_rows = rows < n_rows
-    live = in_rows
-    if real_ptr is not None:
-        live = live & (tl.load(real_ptr + rows, mask=in_rows, other=0) != 0)
-    offs = rows[:, None] * d + cols[None, :]
-    in_cols = (cols < d)[None, :]
-    # Padding rows are never read: they may hold NaN/Inf and must not matter.
-    live2 = live[:, None] & in_cols
+    offs, live2, in_tile = row_tile(real_ptr, n_rows, d, ROWS, BLOCK_D)
     h = tl.load(_layer_pointer(meta + 2, like_ptr, VEC) + offs, mask=live2, other=0.0).to(tl.float32)
     h_noisy = tl.load(_layer_pointer(meta + 3, like_ptr, VEC) + offs, mask=live2, other=0.0).to(tl.float32)
-    return h - h_noisy, offs, live2, in_rows[:, None] & in_cols, coef, meta
+    return h - h_noisy, offs, live2, in_tile, coef, meta
 
 
 @triton.jit
