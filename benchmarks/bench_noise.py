@@ -12,14 +12,13 @@ embeddings of a model trained under autocast.
 """
 from __future__ import annotations
 
-import argparse
 import time
 
 import torch
 
 import lnsr_fast as lf
 from lnsr_fast.kernels import reference
-from common import RESULTS, copy_bandwidth, kernel_backends, measure, sync, write_results
+from common import kernel_parser, kernel_setup, measure, sync, write_results
 from render import render
 
 # Vocabulary × width of the word embeddings.
@@ -67,22 +66,12 @@ def noise_variants(weight: torch.Tensor, table: torch.Tensor, ids: torch.Tensor,
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="one small shape, few repetitions (CPU check)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--sizes", default=None, help=f"comma-separated, of {sorted(SIZES)} (default: all; tiny with --quick)")
+    p = kernel_parser(__doc__, SIZES)
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--tokens", type=int, default=None, help="tokens per batch (default 4096 = 32 x 128; 512 with --quick)")
-    p.add_argument("--reps", type=int, default=None, help="timed calls per variant (default 20; 3 with --quick)")
-    p.add_argument("--results", default=str(RESULTS), help="folder for the CSV, markdown and PNG (default: %(default)s)")
     args = p.parse_args(argv)
-    device = torch.device(args.device)
-    sizes = QUICK_SIZES if args.quick else {s: SIZES[s] for s in args.sizes.split(",")} if args.sizes else SIZES
+    device, sizes, reps, backends, bandwidth = kernel_setup(args, SIZES, QUICK_SIZES)
     n = args.tokens or (512 if args.quick else 4096)
-    reps = args.reps or (3 if args.quick else 20)
-    backends = kernel_backends(device)
-    bandwidth = copy_bandwidth(device)
-    print(f"{device}: backends {backends}, copy bandwidth {bandwidth / 1e9:.0f} GB/s", flush=True)
     rows = []
     for size, (vocab, dim) in sizes.items():
         gen = torch.Generator(device=device).manual_seed(0)

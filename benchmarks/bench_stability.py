@@ -11,13 +11,12 @@ forward, and again while writing their two gradients backward, at the device's m
 """
 from __future__ import annotations
 
-import argparse
 
 import torch
 import torch.nn.functional as F
 
 import lnsr_fast as lf
-from common import RESULTS, copy_bandwidth, kernel_backends, measure, write_results
+from common import kernel_parser, kernel_setup, measure, write_results
 from render import render
 
 # Layers × width of the hidden states.
@@ -62,24 +61,14 @@ def forward_backward(penalty, clean, noisy, mask):
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="one small shape, few repetitions (CPU check)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--sizes", default=None, help=f"comma-separated, of {sorted(SIZES)} (default: all; tiny with --quick)")
+    p = kernel_parser(__doc__, SIZES)
     p.add_argument("--batch", type=int, default=None, help="B, rows per half (default 32; 4 with --quick)")
     p.add_argument("--seq", type=int, default=None, help="T (default 128; 24 with --quick)")
     p.add_argument("--dtypes", default=None, help="comma-separated (default float32,bfloat16; float32 with --quick)")
-    p.add_argument("--reps", type=int, default=None, help="timed calls per variant (default 20; 3 with --quick)")
-    p.add_argument("--results", default=str(RESULTS), help="folder for the CSV, markdown and PNG (default: %(default)s)")
     args = p.parse_args(argv)
-    device = torch.device(args.device)
-    sizes = QUICK_SIZES if args.quick else {s: SIZES[s] for s in args.sizes.split(",")} if args.sizes else SIZES
+    device, sizes, reps, backends, bandwidth = kernel_setup(args, SIZES, QUICK_SIZES)
     batch, seq = args.batch or (4 if args.quick else 32), args.seq or (24 if args.quick else 128)
     dtypes = (args.dtypes or ("float32" if args.quick else "float32,bfloat16")).split(",")
-    reps = args.reps or (3 if args.quick else 20)
-    backends = kernel_backends(device)
-    bandwidth = copy_bandwidth(device)
-    print(f"{device}: backends {backends}, copy bandwidth {bandwidth / 1e9:.0f} GB/s", flush=True)
     rows = []
     for size, (layers, dim) in sizes.items():
         for dtype_name in dtypes:

@@ -3,6 +3,7 @@ CUDA events on a GPU), the copy bandwidth behind the bytes floors, the kernel ba
 device, and rows appended to one CSV per card (benchmarks/render.py turns it into markdown and plots)."""
 from __future__ import annotations
 
+import argparse
 import csv
 import platform
 import re
@@ -74,6 +75,26 @@ def kernel_backends(device: torch.device) -> list[str]:
 
     found = available_backends(device)
     return found if device.type == "cuda" else [b for b in found if b == "torch"]
+
+
+def kernel_parser(doc: str, sizes: dict) -> argparse.ArgumentParser:
+    """The options every kernel benchmark takes: --quick, --device, --sizes (of `sizes`), --reps, --results."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="one small shape, few repetitions (CPU check)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--sizes", default=None, help=f"comma-separated, of {sorted(sizes)} (default: all; tiny with --quick)")
+    p.add_argument("--reps", type=int, default=None, help="timed calls per variant (default 20; 3 with --quick)")
+    p.add_argument("--results", default=str(RESULTS), help="folder for the CSV, markdown and PNG (default: %(default)s)")
+    return p
+
+
+def kernel_setup(args, sizes: dict, quick_sizes: dict) -> tuple[torch.device, dict, int, list[str], float]:
+    """(device, sizes, reps, backends, copy bandwidth) of a kernel benchmark's parsed options; says them."""
+    device = torch.device(args.device)
+    chosen = quick_sizes if args.quick else {s: sizes[s] for s in args.sizes.split(",")} if args.sizes else sizes
+    backends, bandwidth = kernel_backends(device), copy_bandwidth(device)
+    print(f"{device}: backends {backends}, copy bandwidth {bandwidth / 1e9:.0f} GB/s", flush=True)
+    return device, chosen, args.reps or (3 if args.quick else 20), backends, bandwidth
 
 
 def versions(device: torch.device) -> dict:

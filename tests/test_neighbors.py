@@ -257,3 +257,37 @@ def test_faiss_backend_without_faiss(monkeypatch):
 def test_bad_matrix(w, exc, match):
     with pytest.raises(exc, match=match):
         build_neighbor_table(w, 1, backend="torch")
+
+
+# ------------------------------------------------------------------------------------------ the table cache
+
+def _builds(caplog, weight, k=3):
+    """(table, whether build_neighbor_table built it rather than reusing a cached one)."""
+    caplog.clear()
+    with caplog.at_level("INFO", logger="lnsr_fast.neighbors"):
+        table = build_neighbor_table(weight, k, backend="torch")
+    return table, any("building the" in r.getMessage() for r in caplog.records)
+
+
+def test_same_weights_reuse_the_table_and_any_change_rebuilds_it(caplog):
+    w = torch.randn(50, 8)
+    table, built = _builds(caplog, w)
+    assert built
+    again, built = _builds(caplog, w.clone())
+    assert not built and torch.equal(again, table)
+    again[0, 0] = -1  # the caller's copy, not the cache's
+    assert torch.equal(_builds(caplog, w)[0], table)
+    nudged = w.clone()
+    nudged[17, 3] = torch.nextafter(nudged[17, 3], torch.tensor(math.inf))  # one ulp of one entry
+    assert _builds(caplog, nudged)[1]
+    swapped = w[torch.tensor([1, 0, *range(2, 50)])]  # the same rows in another order
+    assert _builds(caplog, swapped)[1]
+
+
+def test_fingerprint_is_stable_and_sees_the_smallest_change():
+    w = torch.randn(300, 24, dtype=torch.bfloat16).float()
+    assert neighbors.fingerprint(w) == neighbors.fingerprint(w.clone())
+    for i, j in [(0, 0), (150, 11), (299, 23)]:
+        nudged = w.clone()
+        nudged[i, j] = torch.nextafter(nudged[i, j], torch.tensor(-math.inf))
+        assert neighbors.fingerprint(nudged) != neighbors.fingerprint(w)
