@@ -13,6 +13,7 @@ from typing import Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
+from .checks import is_int
 from .lnsr import position_ids_from_input_ids
 
 Profile = Mapping[int, float]   # hidden-state index -> mean relative deviation
@@ -50,7 +51,7 @@ def noise_propagation(model: nn.Module, noise, batches: Iterable[Mapping[str, to
         raise TypeError(f"noise must be a callable noise(input_ids, inputs_embeds, attention_mask), got {type(noise).__name__}")
     if layers is not None:
         layers = list(layers)
-        if not layers or not all(isinstance(r, int) and not isinstance(r, bool) for r in layers):
+        if not layers or not all(is_int(r) for r in layers):
             raise ValueError(f"layers must be None or a non-empty sequence of ints, got {layers!r}")
     device = next(model.parameters()).device
     embed = model.get_input_embeddings()

@@ -13,6 +13,7 @@ import warnings
 import torch
 from torch import nn
 
+from .checks import check_choice, is_int
 from . import heads
 from .dropout import UnpairableRandomness, paired_dropout, rng_state, set_rng_state
 from .kernels import BACKENDS
@@ -103,17 +104,13 @@ class LNSR:
                             "every layer's hidden states")
         if not callable(noise):
             raise TypeError(f"noise must be a sampler such as GaussianNoise or InManifoldNoise, got {type(noise).__name__}")
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        if dropout not in DROPOUT_MODES:
-            raise ValueError(f"dropout must be one of {DROPOUT_MODES}, got {dropout!r}")
-        if reduction not in REDUCTIONS:
-            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        check_choice("mode", mode, MODES)
+        check_choice("dropout", dropout, DROPOUT_MODES)
+        check_choice("reduction", reduction, REDUCTIONS)
+        check_choice("backend", backend, BACKENDS)
         if layers is not None:
             layers = list(layers)
-            if not layers or not all(isinstance(r, int) and not isinstance(r, bool) for r in layers):
+            if not layers or not all(is_int(r) for r in layers):
                 raise ValueError(f"layers must be a non-empty sequence of ints, got {layers!r}")
         self.model, self.noise, self.mode, self.dropout = model, noise, mode, dropout
         self.reduction, self.detach_clean, self.weight, self.layers = reduction, detach_clean, weight, layers

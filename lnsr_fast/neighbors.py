@@ -14,6 +14,8 @@ from collections import OrderedDict
 
 import torch
 
+from .checks import check_choice, is_int
+
 logger = logging.getLogger(__name__)
 
 KNN_BACKENDS = ("auto", "torch", "faiss")
@@ -70,10 +72,9 @@ def build_neighbor_table(weight: torch.Tensor, k: int, backend: str = "auto", ch
     one again in the same process costs one hash of the matrix.
     """
     check_embedding_matrix(weight)
-    if isinstance(k, bool) or not isinstance(k, int):
+    if not is_int(k):
         raise TypeError(f"k must be an int, got {type(k).__name__}")
-    if backend not in KNN_BACKENDS:
-        raise ValueError(f"knn_backend must be one of {KNN_BACKENDS}, got {backend!r}")
+    check_choice("knn_backend", backend, KNN_BACKENDS)
     if backend == "faiss" and not faiss_available():
         raise ValueError("knn_backend='faiss' but faiss is not installed (pip install 'lnsr_fast[faiss]')")
     if backend == "auto":

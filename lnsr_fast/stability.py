@@ -6,6 +6,7 @@ from typing import Sequence
 
 import torch
 
+from .checks import check_choice, is_real
 from .kernels import ops, resolve_backend
 
 REDUCTIONS = ("sum", "mean")
@@ -13,7 +14,7 @@ REDUCTIONS = ("sum", "mean")
 
 def resolve_weights(weights, n_layers: int, name: str = "weights") -> list[float]:
     """A float, or one weight per layer, as a list of n_layers finite floats."""
-    if isinstance(weights, (int, float)) and not isinstance(weights, bool):
+    if is_real(weights):
         weights = [float(weights)] * n_layers
     elif isinstance(weights, (list, tuple)) or (isinstance(weights, torch.Tensor) and weights.dim() == 1):
         weights = [float(w) for w in weights]
@@ -45,8 +46,7 @@ def layerwise_stability(clean_hidden: Sequence[torch.Tensor], noisy_hidden: Sequ
         raise ValueError(f"clean_hidden has {len(clean_hidden)} layers but noisy_hidden has {len(noisy_hidden)}")
     if not clean_hidden:
         raise ValueError("clean_hidden is empty: choose at least one layer")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    check_choice("reduction", reduction, REDUCTIONS)
     weights = resolve_weights(weights, len(clean_hidden))
     for name, seq in (("clean_hidden", clean_hidden), ("noisy_hidden", noisy_hidden)):
         for i, h in enumerate(seq):

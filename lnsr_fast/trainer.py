@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback
 
+from .checks import check_choice
 from .lnsr import LNSR
 from .methods import METHODS, Method, build, defaults
 from .methods.lnsr import LNSRConfig, LNSRMethod
@@ -113,8 +114,7 @@ class LNSRTrainer(Trainer):
         if method is not None:
             if lnsr is not None:
                 raise ValueError(f"give lnsr=LNSRConfig(...) or method={method!r}, not both")
-            if method not in METHODS:
-                raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+            check_choice("method", method, METHODS)
         if method_args is not None:
             if method is None:
                 raise ValueError("method_args needs method=... (a name from lnsr_fast.methods.METHODS)")

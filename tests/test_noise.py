@@ -579,6 +579,25 @@ def test_ids_outside_vocabulary(bad):
     assert noise.step == 0  # a rejected call draws nothing
 
 
+def test_ids_are_range_checked_once_per_unmodified_tensor(monkeypatch):
+    """The check syncs with the device: LNSR's check before embedding covers the sampler's call with the same
+    tensor, but an in-place change (or another tensor) is checked again."""
+    calls = []
+    out_of_range = noise_module._out_of_range
+    monkeypatch.setattr(noise_module, "_out_of_range", lambda *a: calls.append(1) or out_of_range(*a))
+    w = make_vocab()
+    noise = make_sampler("in_manifold", w)
+    ids, x, mask = make_batch(w)
+    noise_module.check_token_ids(ids, V)
+    noise(ids, x, mask)
+    assert len(calls) == 1
+    noise(ids.clone(), x, mask)
+    assert len(calls) == 2
+    ids[1, 2] = V
+    with pytest.raises(ValueError, match=rf"input_ids must lie in \[0, {V}\)"):
+        noise(ids, x, mask)
+
+
 def test_in_manifold_requires_input_ids():
     w = make_vocab()
     _, x, mask = make_batch(w)

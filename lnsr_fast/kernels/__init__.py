@@ -6,10 +6,13 @@ device offers and which one `backend="auto"` takes.
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 
 import torch
+
+from ..checks import check_choice
 
 BACKENDS = ("auto", "cuda", "triton", "torch")
 # What `auto` prefers on a CUDA device. Triton first: its kernels are the ones CI executes (under the
@@ -18,8 +21,14 @@ BACKENDS = ("auto", "cuda", "triton", "torch")
 AUTO_ORDER = ("triton", "cuda", "torch")
 
 
+@functools.cache
+def _triton_installed() -> bool:
+    # Cached: backends are resolved at every step, and a failed find_spec searches all of sys.path.
+    return importlib.util.find_spec("triton") is not None
+
+
 def _triton_runs_on(device: torch.device) -> bool:
-    if importlib.util.find_spec("triton") is None:
+    if not _triton_installed():
         return False
     if device.type == "cuda":
         return torch.cuda.is_available()
@@ -44,8 +53,7 @@ def available_backends(device) -> list[str]:
 def resolve_backend(backend: str, device, dtype: torch.dtype | None = None) -> str:
     """The concrete backend for tensors on `device`: `auto` takes the preferred available one (and
     `torch` for float64, which only the reference computes); a named backend must be available."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    check_choice("backend", backend, BACKENDS)
     device = torch.device(device)
     if backend == "torch":
         return backend
@@ -53,10 +61,10 @@ def resolve_backend(backend: str, device, dtype: torch.dtype | None = None) -> s
         if backend == "auto":
             return "torch"
         raise ValueError(f"backend={backend!r} supports float32, bfloat16 and float16; float64 needs backend='torch'")
-    available = available_backends(device)
     if backend == "auto":
         # The Triton interpreter is a test vehicle, not a CPU backend.
-        return available[0] if device.type == "cuda" else "torch"
+        return available_backends(device)[0] if device.type == "cuda" else "torch"
+    available = available_backends(device)
     if backend not in available:
         raise ValueError(f"backend={backend!r} is not available on {device}: {_why_not(backend, device)}; "
                          f"available: {available}")
@@ -65,7 +73,7 @@ def resolve_backend(backend: str, device, dtype: torch.dtype | None = None) -> s
 
 def _why_not(backend: str, device: torch.device) -> str:
     if backend == "triton":
-        if importlib.util.find_spec("triton") is None:
+        if not _triton_installed():
             return "triton is not installed (pip install triton)"
         return ("Triton runs on CUDA devices (or on the CPU only under TRITON_INTERPRET=1)" if device.type != "cuda"
                 else "torch sees no CUDA device")

@@ -18,7 +18,8 @@ import torch
 from torch import nn
 
 from ..dropout import rng_state, set_rng_state
-from .base import EmbeddingMethod, check_int, check_real, real_tokens
+from ..checks import check_int, check_real
+from .base import EmbeddingMethod, real_tokens
 
 
 class FreeLB(EmbeddingMethod):

@@ -13,7 +13,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import Method, check_real
+from ..checks import check_real
+from .base import Method
 
 
 class L2SP(Method):

@@ -17,7 +17,8 @@ from ..kernels import BACKENDS
 from ..neighbors import KNN_BACKENDS
 from ..noise import GaussianNoise, InManifoldNoise
 from ..stability import REDUCTIONS
-from .base import Method, is_int, is_real
+from ..checks import check_choice, is_int, is_real
+from .base import Method
 
 NOISE_KINDS = ("gaussian", "in_manifold")
 # DESIGN.md §2: standard LNSR 0.05, in-manifold 0.1.
@@ -56,8 +57,7 @@ class LNSRConfig:
     def __post_init__(self):
         for name, allowed in (("noise", NOISE_KINDS), ("reduction", REDUCTIONS), ("mode", MODES),
                               ("dropout", DROPOUT_MODES), ("knn_backend", KNN_BACKENDS), ("backend", BACKENDS)):
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"LNSRConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
+            check_choice(f"LNSRConfig.{name}", getattr(self, name), allowed)
         if self.ratio is not None:
             if not is_real(self.ratio):
                 raise TypeError(f"LNSRConfig.ratio must be a float or None, got {type(self.ratio).__name__}")

@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Method, check_real
+from ..checks import check_real
+from .base import Method
 
 
 def mixout_linear(module: nn.Linear, target: torch.Tensor, p: float, input: torch.Tensor) -> torch.Tensor:

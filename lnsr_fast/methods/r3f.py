@@ -12,7 +12,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import EmbeddingMethod, check_choice, check_real, mse, real_tokens, symmetric_kl
+from ..checks import check_choice, check_real
+from .base import EmbeddingMethod, mse, real_tokens, symmetric_kl
 
 NOISE_TYPES = ("uniform", "normal")
 

@@ -18,7 +18,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import EmbeddingMethod, check_choice, check_int, check_real, kl_divergence, mse, real_tokens, symmetric_kl
+from ..checks import check_choice, check_int, check_real
+from .base import EmbeddingMethod, kl_divergence, mse, real_tokens, symmetric_kl
 
 NORMS = ("inf", "l2")
 
