@@ -91,6 +91,11 @@ def main(outdir: Path) -> None:
         "noise_state": noise_state,
         "resumed_noise_state": resumed.lnsr.noise.state_dict(),
     }, outdir / f"rank{rank}.pt")
+    # A gloo group left for the interpreter's exit to tear down can abort a rank after its work is done
+    # ("terminate called without an active exception", seen once in CI): close it while both ranks live.
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
