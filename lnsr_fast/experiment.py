@@ -171,17 +171,35 @@ def grid_points(grid: dict[str, list]) -> list[dict]:
     return [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))]
 
 
-def run_key(method: str, hparams: dict, seed: int) -> str:
-    """The identity of a run in runs.jsonl."""
-    return json.dumps({"method": method, "hparams": hparams, "seed": seed}, sort_keys=True)
+def resolve(method: str, hparams: dict) -> dict:
+    """Every hyperparameter a run of `method` trains with: its defaults, overridden by `hparams` (without the
+    noise `seed`, which follows the run's seed). Runs are identified and grouped by this, so that a default
+    changed by a later version of the package is a new run, not a finished one."""
+    return {k: v for k, v in {**method_defaults(method), **hparams}.items() if k != "seed"}
+
+
+def _resolved(record: dict) -> dict:
+    # Records written before "resolved" was stored ran with the defaults of the version that reads them.
+    return record.get("resolved") or resolve(record["method"], record["hparams"])
+
+
+def run_key(method: str, resolved: dict, seed: int) -> str:
+    """The identity of a run in runs.jsonl: method, resolved hyperparameters, seed."""
+    return json.dumps({"method": method, "hparams": resolved, "seed": seed}, sort_keys=True, default=str)
+
+
+def runs_of(records: list[dict], method: str, point: dict, seeds=None) -> list[dict]:
+    """The records of `method` at grid point `point` (with the given seeds, or all)."""
+    target = resolve(method, point)
+    return [r for r in records if r["method"] == method and _resolved(r) == target
+            and (seeds is None or r["seed"] in seeds)]
 
 
 def select(records: list[dict], method: str, points: list[dict], seeds: list[int]) -> dict:
     """The grid point of `method` with the highest mean validation accuracy over `seeds` (the first of
     `points` on a tie). Reads only `val_accuracy`: test metrics cannot influence the choice."""
     def score(point):
-        vals = [r["val_accuracy"] for r in records
-                if r["method"] == method and r["hparams"] == point and r["seed"] in seeds]
+        vals = [r["val_accuracy"] for r in runs_of(records, method, point, seeds)]
         return statistics.fmean(vals) if vals else -math.inf
     return max(points, key=score)   # max keeps the first of equal scores
 
@@ -199,15 +217,30 @@ def welch_p_value(a, b) -> float:
     return float(stats.ttest_ind(a, b, equal_var=False).pvalue)
 
 
+def paired_p_value(a: dict, b: dict) -> float:
+    """Two-sided p-value of the paired t-test over the seeds both {seed: value} maps hold. A seed fixes the
+    classifier's initialisation and the data order for every method, so runs of one seed are pairs; NaN
+    with fewer than 2 pairs, 1.0 when every difference is 0."""
+    from scipy import stats
+    seeds = sorted(set(a) & set(b))
+    d = np.array([a[s] - b[s] for s in seeds], dtype=float)
+    if d.size < 2:
+        return float("nan")
+    if np.ptp(d) == 0:
+        return 1.0 if d[0] == 0 else 0.0
+    return float(stats.ttest_rel([a[s] for s in seeds], [b[s] for s in seeds]).pvalue)
+
+
 def summarize(records: list[dict], chosen: dict[str, dict], baseline: str = "ft") -> list[dict]:
     """One row per method over the runs of its chosen grid point: test accuracy and macro-F1 mean, sample std
-    (ddof 1) and max; mean validation and train accuracy; gap = train − test accuracy (mean); Welch's p-value
-    of the test accuracies against `baseline`'s; median step time and its ratio to the baseline's."""
+    (ddof 1) and max; mean validation and train accuracy; gap = train − test accuracy (mean); the p-values of
+    the test accuracies against `baseline`'s, Welch's (the paper's) and paired by seed; median step time and
+    its ratio to the baseline's."""
     rows = []
-    runs_of = {m: [r for r in records if r["method"] == m and r["hparams"] == p] for m, p in chosen.items()}
-    base = runs_of.get(baseline, [])
+    runs = {m: runs_of(records, m, p) for m, p in chosen.items()}
+    base = runs.get(baseline, [])
     base_step = statistics.median(r["step_time_ms"] for r in base) if base else None
-    for m, rs in runs_of.items():
+    for m, rs in runs.items():
         if not rs:
             continue
         acc = [r["test_accuracy"] for r in rs]
@@ -223,6 +256,8 @@ def summarize(records: list[dict], chosen: dict[str, dict], baseline: str = "ft"
             "gap_mean": statistics.fmean(r["train_accuracy"] - r["test_accuracy"] for r in rs),
             "p_value_vs_ft": (float("nan") if m == baseline or not base
                               else welch_p_value(acc, [r["test_accuracy"] for r in base])),
+            "paired_p_value_vs_ft": (float("nan") if m == baseline or not base else paired_p_value(
+                {r["seed"]: r["test_accuracy"] for r in rs}, {r["seed"]: r["test_accuracy"] for r in base})),
             "step_time_ms_median": step, "step_time_vs_ft": step / base_step if base_step else float("nan"),
         })
     return rows
@@ -233,7 +268,8 @@ def markdown_summary(rows: list[dict]) -> str:
     pct = lambda v: "n/a" if v is None or math.isnan(v) else f"{100 * v:.2f}"
     num = lambda v, f: "n/a" if v is None or math.isnan(v) else format(v, f)
     head = ("| method | chosen on validation | runs | test acc mean ± std | test acc max | test macro-F1 mean ± std "
-            "| val acc | train acc | gap (train − test) | p vs FT (Welch) | step (ms) | step × FT |")
+            "| val acc | train acc | gap (train − test) | p vs FT (Welch) | p vs FT (paired by seed) | step (ms) "
+            "| step × FT |")
     lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
     for s in rows:
         point = ", ".join(f"{k}={v}" for k, v in json.loads(s["hparams"]).items()) or "defaults"
@@ -241,7 +277,8 @@ def markdown_summary(rows: list[dict]) -> str:
             f"| {s['method']} | {point} | {s['runs']} | {pct(s['test_accuracy_mean'])} ± {pct(s['test_accuracy_std'])} "
             f"| {pct(s['test_accuracy_max'])} | {pct(s['test_macro_f1_mean'])} ± {pct(s['test_macro_f1_std'])} "
             f"| {pct(s['val_accuracy_mean'])} | {pct(s['train_accuracy_mean'])} | {pct(s['gap_mean'])} "
-            f"| {num(s['p_value_vs_ft'], '.3g')} | {num(s['step_time_ms_median'], '.0f')} "
+            f"| {num(s['p_value_vs_ft'], '.3g')} | {num(s['paired_p_value_vs_ft'], '.3g')} "
+            f"| {num(s['step_time_ms_median'], '.0f')} "
             f"| {num(s['step_time_vs_ft'], '.2f')}× |")
     return "\n".join(lines)
 
@@ -252,8 +289,7 @@ def grid_table(records: list[dict], points: dict[str, list[dict]], chosen: dict[
     rows = []
     for m, pts in points.items():
         for p in pts:
-            vals = [r["val_accuracy"] for r in records
-                    if r["method"] == m and r["hparams"] == p and r["seed"] in selection[m]]
+            vals = [r["val_accuracy"] for r in runs_of(records, m, p, selection[m])]
             rows.append({"method": m, "hparams": json.dumps(p, sort_keys=True), "seeds": len(vals),
                          "val_accuracy_mean": statistics.fmean(vals) if vals else float("nan"),
                          "val_accuracy_std": statistics.stdev(vals) if len(vals) > 1 else float("nan"),
@@ -265,10 +301,11 @@ def plot_box(records: list[dict], chosen: dict[str, dict], path: str, title: str
     """Box plot of the test accuracy over seeds per method (its chosen grid point), every run as a dot."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from .analysis import add_note
 
     labels, data = [], []
     for m, p in chosen.items():
-        acc = [100 * r["test_accuracy"] for r in records if r["method"] == m and r["hparams"] == p]
+        acc = [100 * r["test_accuracy"] for r in runs_of(records, m, p)]
         if acc:
             labels.append(m)
             data.append(acc)
@@ -283,8 +320,7 @@ def plot_box(records: list[dict], chosen: dict[str, dict], path: str, title: str
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(title, fontsize=10)
     ax.grid(True, axis="y", alpha=0.3)
-    if note:
-        fig.text(0.5, -0.01, note, ha="center", va="top", fontsize=8)
+    add_note(fig, note)
     fig.savefig(path, dpi=120, bbox_inches="tight")
 
 
@@ -473,7 +509,7 @@ def run_experiment(cfg: ExperimentConfig, log=print) -> dict:
 
     runs_path = os.path.join(cfg.output, RUNS_FILE)
     records = _read_runs(runs_path)
-    done = {run_key(r["method"], r["hparams"], r["seed"]) for r in records}
+    done = {run_key(r["method"], _resolved(r), r["seed"]) for r in records}
     points = {m: cfg.points(m) for m in cfg.methods}
     selection = {m: cfg.selection(m) for m in cfg.methods}
     first = [(m, p, s) for m in cfg.methods for p in points[m] for s in selection[m]]
@@ -486,8 +522,11 @@ def run_experiment(cfg: ExperimentConfig, log=print) -> dict:
         f"{len(done)} already in {runs_path}")
     progress = Progress(total * n_steps, disable=not cfg.progress)
 
+    visited = []
+
     def run(method, hparams, seed):
-        key = run_key(method, hparams, seed)
+        key = run_key(method, resolve(method, hparams), seed)
+        visited.append(key)
         if key in done:   # finished before a kill or in an earlier invocation
             progress.bar.update(n_steps)
             return
@@ -497,7 +536,7 @@ def run_experiment(cfg: ExperimentConfig, log=print) -> dict:
                       epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, warmup=cfg.warmup)
         metrics = {f"{split}_{k}": v for split, data in (("val", val), ("test", test), ("train", train))
                    for k, v in evaluate(model, data, collator).items()}
-        record = {"method": method, "hparams": hparams, "seed": seed, **metrics,
+        record = {"method": method, "hparams": hparams, "resolved": resolve(method, hparams), "seed": seed, **metrics,
                   "gap": metrics["train_accuracy"] - metrics["test_accuracy"], **t,
                   "profile": {str(r): v for r, v in profile(model).items()}}
         with open(runs_path, "a", encoding="utf-8") as f:   # one line per finished run, on disk at once
@@ -506,6 +545,10 @@ def run_experiment(cfg: ExperimentConfig, log=print) -> dict:
             os.fsync(f.fileno())
         records.append(record)
         done.add(key)
+        with progress.bar.external_write_mode():   # a line per run that survives the bar (and --no-progress)
+            log(f"run {len(visited)}/{total} {method} {json.dumps(hparams, sort_keys=True)} seed {seed}: accuracy "
+                f"val {100 * metrics['val_accuracy']:.1f}, test {100 * metrics['test_accuracy']:.1f}, train "
+                f"{100 * metrics['train_accuracy']:.1f}; {t['train_runtime_s']:.0f} s")
 
     try:
         for m, p, s in first:
@@ -528,12 +571,14 @@ def run_experiment(cfg: ExperimentConfig, log=print) -> dict:
     with open(os.path.join(cfg.output, "summary.md"), "w", encoding="utf-8") as f:
         f.write(f"# lnsr-fast experiment\n\n{what}. Each method's grid point was chosen by mean validation "
                 f"accuracy; the table reports its test metrics over all seeds (std: sample, ddof 1; p: Welch's "
-                f"t-test of test accuracy against FT).\n\n{markdown_summary(summary)}\n\n## Grid (validation "
+                f"t-test of test accuracy against FT, and the paired t-test over the seeds both share: a seed fixes "
+                f"the classifier's initialisation and the data order for every method).\n\n{markdown_summary(summary)}\n\n## Grid (validation "
                 f"accuracy, selection seeds)\n\n{markdown_grid(grid)}\n")
-    plot_box(records, chosen, os.path.join(cfg.output, "boxplot.png"), title=f"Test accuracy over seeds — {what}")
+    plot_box(records, chosen, os.path.join(cfg.output, "boxplot.png"),
+             title="Test accuracy over seeds, each method at its grid point chosen on validation", note=what)
     if probe:
-        per_method = {m: [{int(r): v for r, v in rec["profile"].items()} for rec in records
-                          if rec["method"] == m and rec["hparams"] == chosen[m]] for m in cfg.methods}
+        per_method = {m: [{int(r): v for r, v in rec["profile"].items()} for rec in runs_of(records, m, chosen[m])]
+                      for m in cfg.methods}
         set_seed(0)
         pretrained = profile(new_model())
         means = {"pretrained (no fine-tuning)": pretrained}

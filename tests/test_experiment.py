@@ -65,8 +65,11 @@ def test_selection_reads_validation_only():
     records.append({"method": "ft", "hparams": {"weight": 0.1}, "seed": 0, "val_accuracy": 1.0})      # another method
     assert experiment.select(records, "lnsr", points, [0, 1]) == {"weight": 0.2}
     assert experiment.select(records, "lnsr", points, [1]) == {"weight": 0.5}
-    tie = [{"method": "m", "hparams": p, "seed": 0, "val_accuracy": 0.5} for p in points]
-    assert experiment.select(tie, "m", points, [0]) == points[0]
+    tie = [{"method": "lnsr", "hparams": p, "seed": 0, "val_accuracy": 0.5} for p in points]
+    assert experiment.select(tie, "lnsr", points, [0]) == points[0]
+    # a point spelt with a default value explicitly is the same point
+    assert experiment.select(records, "lnsr", [{"weight": 0.2, "ratio": 0.05}, {"weight": 0.5}], [0, 1]) == \
+        {"weight": 0.2, "ratio": 0.05}
 
 
 # ------------------------------------------------------------------------------------------------ statistics
@@ -93,10 +96,20 @@ def test_summary_statistics_match_a_direct_computation():
     t = (lnsr_acc.mean() - ft_acc.mean()) / math.sqrt(va + vb)
     dof = (va + vb) ** 2 / (va ** 2 / 9 + vb ** 2 / 9)
     assert s["p_value_vs_ft"] == pytest.approx(2 * stats.t.sf(abs(t), dof))
-    assert math.isnan(rows["ft"]["p_value_vs_ft"])
+    assert math.isnan(rows["ft"]["p_value_vs_ft"]) and math.isnan(rows["ft"]["paired_p_value_vs_ft"])
+    d = lnsr_acc - ft_acc   # seed i of both methods is a pair
+    t_paired = d.mean() / (d.std(ddof=1) / math.sqrt(10))
+    assert s["paired_p_value_vs_ft"] == pytest.approx(2 * stats.t.sf(abs(t_paired), 9))
     assert s["step_time_vs_ft"] == pytest.approx(statistics.median(150.0 + i for i in range(10, 20)) / 100.0)
     table = experiment.markdown_summary(list(rows.values()))
     assert f"{100 * lnsr_acc.mean():.2f} ± {100 * lnsr_acc.std(ddof=1):.2f}" in table and "weight=0.1" in table
+
+
+def test_paired_p_value_uses_the_shared_seeds_only():
+    a, b = {0: 0.5, 1: 0.6, 2: 0.7, 9: 0.1}, {0: 0.4, 1: 0.55, 2: 0.5, 5: 0.9}
+    assert experiment.paired_p_value(a, b) == pytest.approx(stats.ttest_rel([0.5, 0.6, 0.7], [0.4, 0.55, 0.5]).pvalue)
+    assert math.isnan(experiment.paired_p_value({0: 0.5}, {0: 0.4, 1: 0.3}))
+    assert experiment.paired_p_value({0: 0.5, 1: 0.6}, {0: 0.4, 1: 0.5}) == 0.0   # a constant non-zero difference
 
 
 def test_welch_edge_cases():
@@ -199,6 +212,15 @@ def test_killed_experiment_resumes_without_redoing_finished_runs(tiny_model, tmp
     monkeypatch.setattr(experiment, "train_one", lambda *a, **k: again.append(1))
     run_experiment(cfg, log=lambda s: None)
     assert again == []
+    # A default that a later version changes makes new runs of that method, not finished ones.
+    defaults = experiment.method_defaults
+    monkeypatch.setattr(experiment, "method_defaults",
+                        lambda m: {**defaults(m), "ratio": 0.07} if m == "lnsr" else defaults(m))
+    retrained.clear()
+    monkeypatch.setattr(experiment, "train_one", counting)
+    out = run_experiment(cfg, log=lambda s: None)
+    assert len(retrained) == 4 and all('"lnsr"' in key for key in retrained)
+    assert next(r for r in out["summary"] if r["method"] == "lnsr")["runs"] == 3
 
 
 def test_outputs_and_changed_settings_are_refused(tiny_model, tmp_path):
@@ -232,6 +254,7 @@ def test_cli_experiment_end_to_end(tiny_model, tmp_path, capsys):
     out, err = capsys.readouterr()
     assert code == 0, err
     assert "train 24, val 8, test 8" in out and "| lnsr_in_manifold | k=3, weight=" in out
+    assert "run 1/5 ft {} seed 0: accuracy val" in out and "run 5/5 lnsr_in_manifold" in out
     runs = [json.loads(line) for line in (out_dir / "runs.jsonl").read_text().splitlines()]
     assert all(r["hparams"].get("k") == 3 for r in runs if r["method"] == "lnsr_in_manifold") and len(runs) == 5
     code = cli.main(["experiment", "--data", csv_file, "--model", tiny_model, "--text-column", "sentence",

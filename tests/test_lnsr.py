@@ -316,8 +316,8 @@ def _train_penalties(model, batch, mode):
     model.train()
     torch.manual_seed(0)
     with passes(model) as rows:
-        _, shared = run_quietly(LNSR(model, GaussianNoise(ratio=TINY, seed=0), mode=mode, dropout="shared"), batch)
-    _, independent = run_quietly(LNSR(model, GaussianNoise(ratio=TINY, seed=0), mode=mode, dropout="independent"), batch)
+        _, shared = run_quietly(LNSR(model, GaussianNoise(ratio=TINY, seed=0), weight=1.0, mode=mode, dropout="shared"), batch)
+    _, independent = run_quietly(LNSR(model, GaussianNoise(ratio=TINY, seed=0), weight=1.0, mode=mode, dropout="independent"), batch)
     return shared, independent, rows
 
 
@@ -349,7 +349,7 @@ def test_deberta_relative_attention_dropout_falls_back_once_and_stays_shared(mod
     with passes(model) as rows:
         _, reg = run_quietly(lnsr, batch)  # the warning comes once; the fallback stays
     assert rows == [B, B] and reg < 1e-8
-    _, independent = LNSR(model, GaussianNoise(ratio=TINY, seed=0), mode=mode, dropout="independent")(**batch)
+    _, independent = LNSR(model, GaussianNoise(ratio=TINY, seed=0), weight=1.0, mode=mode, dropout="independent")(**batch)
     assert independent > 1e-3
 
 
@@ -497,7 +497,7 @@ def test_noise_carries_no_gradient(noise_kind, mode):
 def _grad_of_penalty_wrt_input(model, batch, mode, detach_clean, seed=3):
     x = model.get_input_embeddings()(batch["input_ids"]).detach().requires_grad_()
     rest = {k: v for k, v in batch.items() if k != "input_ids"}
-    lnsr = LNSR(model, GaussianNoise(ratio=0.05, seed=seed), mode=mode, detach_clean=detach_clean)
+    lnsr = LNSR(model, GaussianNoise(ratio=0.05, seed=seed), weight=1.0, mode=mode, detach_clean=detach_clean)
     _, reg = run_quietly(lnsr, {**rest, "inputs_embeds": x}, grad=True)
     return torch.autograd.grad(reg, x)[0]
 

@@ -3,7 +3,6 @@ batch split into word embeddings + the rest (DESIGN.md §1), divergences between
 """
 from __future__ import annotations
 
-import math
 from typing import Callable
 
 import torch
