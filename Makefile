@@ -31,7 +31,7 @@ demo: install
 	HF_HUB_OFFLINE=1 $(BIN)/lnsr-fast demo
 
 # The small-scale reproduction committed in docs/reproduction/ (README.md there): the exact commands behind
-# its tables; about 3 hours on 2 CPU cores, the two experiments side by side on one thread each. Resumable:
+# its tables; about 2 hours on 2 CPU cores, the two experiments side by side on one thread each. Resumable:
 # the runs already in a folder's runs.jsonl are skipped, so a fresh reproduction needs those folders removed.
 REPRO := docs/reproduction
 REPRO_RUN := HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 $(BIN)/lnsr-fast experiment --no-progress \
