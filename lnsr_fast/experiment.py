@@ -340,7 +340,7 @@ class ExperimentConfig:
     text_column and label_column are required). model: a local folder or hub name (None: the shipped MiniLM).
     train_size / val_size / test_size: stratified, disjoint, drawn test first (so the test set depends only on
     its size and data_seed); train_size None takes every remaining example. methods: names from
-    lnsr_fast.methods.METHODS ("ft" first is the baseline of the p-values). seeds: a count (0..N-1) or a list.
+    lnsr_fast.methods.METHODS ("ft", when included, is the baseline of the p-values). seeds: a count (0..N-1) or a list.
     grid: {method: {hyperparameter: [values]}}; fixed: {method: {hyperparameter: value}}. selection_seeds:
     seeds per grid point in the selection (None: all). profile_size: validation examples of the
     noise-propagation profile of every model (0: none), with Gaussian noise of ratio profile_ratio at the
