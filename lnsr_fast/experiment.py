@@ -16,6 +16,7 @@ with the same settings skips the runs already there, so a killed experiment resu
 """
 from __future__ import annotations
 
+import csv
 import importlib.util
 import itertools
 import json
@@ -178,20 +179,20 @@ def resolve(method: str, hparams: dict) -> dict:
     return {k: v for k, v in {**method_defaults(method), **hparams}.items() if k != "seed"}
 
 
-def _resolved(record: dict) -> dict:
-    # Records written before "resolved" was stored ran with the defaults of the version that reads them.
-    return record.get("resolved") or resolve(record["method"], record["hparams"])
+def _identity(resolved: dict) -> str:
+    # One canonical text for a set of hyperparameters, whether they come from this process or from JSON.
+    return json.dumps(resolved, sort_keys=True, default=str)
 
 
 def run_key(method: str, resolved: dict, seed: int) -> str:
     """The identity of a run in runs.jsonl: method, resolved hyperparameters, seed."""
-    return json.dumps({"method": method, "hparams": resolved, "seed": seed}, sort_keys=True, default=str)
+    return json.dumps([method, _identity(resolved), seed])
 
 
 def runs_of(records: list[dict], method: str, point: dict, seeds=None) -> list[dict]:
     """The records of `method` at grid point `point` (with the given seeds, or all)."""
-    target = resolve(method, point)
-    return [r for r in records if r["method"] == method and _resolved(r) == target
+    target = _identity(resolve(method, point))
+    return [r for r in records if r["method"] == method and _identity(r["resolved"]) == target
             and (seeds is None or r["seed"] in seeds)]
 
 
@@ -263,6 +264,10 @@ def summarize(records: list[dict], chosen: dict[str, dict], baseline: str = "ft"
     return rows
 
 
+def _point_label(hparams_json: str) -> str:
+    return ", ".join(f"{k}={v}" for k, v in json.loads(hparams_json).items()) or "defaults"
+
+
 def markdown_summary(rows: list[dict]) -> str:
     """The summary as a markdown table (accuracies in %)."""
     pct = lambda v: "n/a" if v is None or math.isnan(v) else f"{100 * v:.2f}"
@@ -272,9 +277,9 @@ def markdown_summary(rows: list[dict]) -> str:
             "| step × FT |")
     lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
     for s in rows:
-        point = ", ".join(f"{k}={v}" for k, v in json.loads(s["hparams"]).items()) or "defaults"
         lines.append(
-            f"| {s['method']} | {point} | {s['runs']} | {pct(s['test_accuracy_mean'])} ± {pct(s['test_accuracy_std'])} "
+            f"| {s['method']} | {_point_label(s['hparams'])} | {s['runs']} "
+            f"| {pct(s['test_accuracy_mean'])} ± {pct(s['test_accuracy_std'])} "
             f"| {pct(s['test_accuracy_max'])} | {pct(s['test_macro_f1_mean'])} ± {pct(s['test_macro_f1_std'])} "
             f"| {pct(s['val_accuracy_mean'])} | {pct(s['train_accuracy_mean'])} | {pct(s['gap_mean'])} "
             f"| {num(s['p_value_vs_ft'], '.3g')} | {num(s['paired_p_value_vs_ft'], '.3g')} "
@@ -450,7 +455,12 @@ def _read_runs(path: str) -> list[dict]:
     if len(complete) < len(raw):
         with open(path, "r+b") as f:
             f.truncate(len(complete))
-    return [json.loads(line) for line in complete.decode("utf-8").splitlines() if line.strip()]
+    records = [json.loads(line) for line in complete.decode("utf-8").splitlines() if line.strip()]
+    for i, r in enumerate(records, 1):
+        if "resolved" not in r:   # without it, the run's hyperparameters would be guessed from today's defaults
+            raise ValueError(f"{path!r} line {i} has no 'resolved' hyperparameters (an older lnsr_fast wrote it); "
+                             "choose another output folder")
+    return records
 
 
 def _check_settings(cfg: ExperimentConfig, model_path: str) -> dict:
@@ -509,7 +519,7 @@ def run_experiment(cfg: ExperimentConfig, log=print) -> dict:
 
     runs_path = os.path.join(cfg.output, RUNS_FILE)
     records = _read_runs(runs_path)
-    done = {run_key(r["method"], _resolved(r), r["seed"]) for r in records}
+    done = {run_key(r["method"], r["resolved"], r["seed"]) for r in records}
     points = {m: cfg.points(m) for m in cfg.methods}
     selection = {m: cfg.selection(m) for m in cfg.methods}
     first = [(m, p, s) for m in cfg.methods for p in points[m] for s in selection[m]]
@@ -601,16 +611,15 @@ def markdown_grid(rows: list[dict]) -> str:
     """The grid table as markdown (validation accuracy in %; the chosen point in bold)."""
     lines = ["| method | grid point | seeds | val acc mean ± std | chosen |", "|---|---|---|---|---|"]
     for r in rows:
-        point = ", ".join(f"{k}={v}" for k, v in json.loads(r["hparams"]).items()) or "defaults"
         std = "n/a" if math.isnan(r["val_accuracy_std"]) else f"{100 * r['val_accuracy_std']:.2f}"
-        lines.append(f"| {r['method']} | {point} | {r['seeds']} | {100 * r['val_accuracy_mean']:.2f} ± {std} "
+        lines.append(f"| {r['method']} | {_point_label(r['hparams'])} | {r['seeds']} "
+                     f"| {100 * r['val_accuracy_mean']:.2f} ± {std} "
                      f"| {'**yes**' if r['chosen'] else ''} |")
     return "\n".join(lines)
 
 
 def write_rows(path: str, rows: list[dict]) -> None:
     """rows (dicts with the same keys) as a CSV file."""
-    import csv
     with open(path, "w", newline="", encoding="utf-8") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()

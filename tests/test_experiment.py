@@ -17,6 +17,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
+def record(method, hparams, **fields):
+    """A runs.jsonl record as the runner writes it."""
+    return {"method": method, "hparams": hparams, "resolved": experiment.resolve(method, hparams), **fields}
+
+
 # ----------------------------------------------------------------------------------------- grid, selection
 def test_assignments_go_to_every_method_that_has_the_key_or_to_the_one_named():
     methods = ["ft", "lnsr", "lnsr_in_manifold", "smart"]
@@ -59,13 +64,12 @@ def test_selection_reads_validation_only():
     points = [{"weight": 0.1}, {"weight": 0.2}, {"weight": 0.5}]
     val = {0.1: [0.60, 0.62], 0.2: [0.70, 0.64], 0.5: [0.66, 0.66]}   # means 0.61, 0.67, 0.66
     # No test field at all: reading one would raise KeyError.
-    records = [{"method": "lnsr", "hparams": {"weight": w}, "seed": s, "val_accuracy": v}
-               for w, vs in val.items() for s, v in enumerate(vs)]
-    records.append({"method": "lnsr", "hparams": {"weight": 0.5}, "seed": 7, "val_accuracy": 1.0})   # not a selection seed
-    records.append({"method": "ft", "hparams": {"weight": 0.1}, "seed": 0, "val_accuracy": 1.0})      # another method
+    records = [record("lnsr", {"weight": w}, seed=s, val_accuracy=v) for w, vs in val.items() for s, v in enumerate(vs)]
+    records.append(record("lnsr", {"weight": 0.5}, seed=7, val_accuracy=1.0))   # not a selection seed
+    records.append(record("ft", {"weight": 0.1}, seed=0, val_accuracy=1.0))     # another method
     assert experiment.select(records, "lnsr", points, [0, 1]) == {"weight": 0.2}
     assert experiment.select(records, "lnsr", points, [1]) == {"weight": 0.5}
-    tie = [{"method": "lnsr", "hparams": p, "seed": 0, "val_accuracy": 0.5} for p in points]
+    tie = [record("lnsr", p, seed=0, val_accuracy=0.5) for p in points]
     assert experiment.select(tie, "lnsr", points, [0]) == points[0]
     # a point spelt with a default value explicitly is the same point
     assert experiment.select(records, "lnsr", [{"weight": 0.2, "ratio": 0.05}, {"weight": 0.5}], [0, 1]) == \
@@ -79,11 +83,12 @@ def test_summary_statistics_match_a_direct_computation():
     train = rng.uniform(0.95, 1.0, 20)
     records = []
     for i, (m, acc) in enumerate([("ft", a) for a in ft_acc] + [("lnsr", a) for a in lnsr_acc]):
-        records.append({"method": m, "hparams": {} if m == "ft" else {"weight": 0.1}, "seed": i % 10,
-                        "test_accuracy": acc, "test_macro_f1": acc - 0.1, "val_accuracy": acc + 0.01,
-                        "train_accuracy": train[i], "step_time_ms": 100.0 if m == "ft" else 150.0 + i})
+        records.append(record(m, {} if m == "ft" else {"weight": 0.1}, seed=i % 10, test_accuracy=acc,
+                              test_macro_f1=acc - 0.1, val_accuracy=acc + 0.01, train_accuracy=train[i],
+                              step_time_ms=100.0 if m == "ft" else 150.0 + i))
     # runs of a grid point that was not chosen must not enter the summary
-    records.append({**records[-1], "hparams": {"weight": 0.5}, "test_accuracy": 0.0})
+    last = {k: v for k, v in records[-1].items() if k not in ("method", "hparams", "resolved")}
+    records.append(record("lnsr", {"weight": 0.5}, **{**last, "test_accuracy": 0.0}))
     rows = {r["method"]: r for r in experiment.summarize(records, {"ft": {}, "lnsr": {"weight": 0.1}})}
     s = rows["lnsr"]
     assert s["runs"] == 10
@@ -260,3 +265,10 @@ def test_cli_experiment_end_to_end(tiny_model, tmp_path, capsys):
     code = cli.main(["experiment", "--data", csv_file, "--model", tiny_model, "--text-column", "sentence",
                      "--label-column", "sentiment", "--grid", "k=3", "--methods", "ft", "lnsr"])
     assert code == 2 and "'k' is not a hyperparameter" in capsys.readouterr().err
+
+
+def test_runs_without_their_resolved_hyperparameters_are_refused(tmp_path):
+    path = tmp_path / "runs.jsonl"
+    path.write_text(json.dumps({"method": "lnsr", "hparams": {"weight": 0.1}, "seed": 0}) + "\n")
+    with pytest.raises(ValueError, match="line 1 has no 'resolved'"):
+        experiment._read_runs(str(path))
