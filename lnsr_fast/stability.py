@@ -73,3 +73,23 @@ def layerwise_stability(clean_hidden: Sequence[torch.Tensor], noisy_hidden: Sequ
         backend = "torch"
     backend = resolve_backend(backend, device, torch.float64 if torch.float64 in dtypes else None)
     return ops.layerwise_stability(clean_hidden, noisy_hidden, real, weights, reduction, backend)
+
+
+def layerwise_stability_concat(hidden: Sequence[torch.Tensor], pairs: int, attention_mask: torch.Tensor | None = None,
+                               weights=1.0, reduction: str = "sum", backend: str = "auto",
+                               detach_clean: bool = False) -> torch.Tensor:
+    """The LNSR penalty of a concat-mode pass, on each chosen layer's whole hidden state.
+
+    hidden: a sequence of [N, T, d] tensors (one per chosen layer) whose rows [0, pairs) are clean and rows
+    [N - pairs, N) their noisy copies, in the same order. attention_mask: [pairs, T] of the clean rows (None:
+    every token is real). detach_clean: no gradient reaches the clean rows. Otherwise as `layerwise_stability`.
+    """
+    hidden = list(hidden)
+    if not hidden:
+        raise ValueError("hidden is empty: choose at least one layer")
+    n = hidden[0].shape[0] if isinstance(hidden[0], torch.Tensor) and hidden[0].dim() else 0
+    if not (isinstance(pairs, int) and not isinstance(pairs, bool)) or not 1 <= pairs <= n // 2:
+        raise ValueError(f"pairs must be an int in [1, {n // 2}] for hidden states of {n} rows, got {pairs!r}")
+    clean = [h[:pairs].detach() if detach_clean else h[:pairs] for h in hidden]
+    return layerwise_stability(clean, [h[h.shape[0] - pairs:] for h in hidden], attention_mask, weights, reduction,
+                               backend)
