@@ -10,7 +10,7 @@ noisy half carries the ignored label), and the penalty Σ_r λ_r D(h_r[:B], h_r[
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from torch import nn
 
@@ -19,7 +19,7 @@ from .checks import check_choice, is_int, is_real
 from .kernels import BACKENDS
 from .neighbors import KNN_BACKENDS
 from .noise import GaussianNoise, InManifoldNoise
-from .regularize import Call, Method, MethodConfig, Recorder, word_embeddings
+from .regularize import Call, Method, MethodConfig, Recorder, hyperparameter, word_embeddings
 from .stability import REDUCTIONS, layerwise_stability, layerwise_stability_concat, resolve_weights
 
 NOISE_KINDS = ("gaussian", "in_manifold")
@@ -33,25 +33,20 @@ DEFAULT_RATIOS = {"gaussian": 0.05, "in_manifold": 0.1}
 DEFAULT_WEIGHT = 0.02
 
 
-def _help(text: str, default=None, factory=None):
-    return field(default_factory=factory, metadata={"help": text}) if factory else field(default=default,
-                                                                                           metadata={"help": text})
-
-
 @dataclass
 class NoiseConfig(MethodConfig):
     """The noise ε added to the word embeddings (docs/design.md §2); LNSR's and the noise-only ablations'."""
 
-    noise: object = _help("'gaussian' (standard LNSR), 'in_manifold' (in the span of the k nearest vocabulary "
+    noise: object = hyperparameter("'gaussian' (standard LNSR), 'in_manifold' (in the span of the k nearest vocabulary "
                           "embeddings), or a sampler instance called as noise(input_ids, x, attention_mask)",
                           "in_manifold")
-    ratio: float | None = _help("‖ε_t‖ / ‖x_t‖ per token; None: 0.05 for gaussian, 0.1 for in_manifold")
-    k: int = _help("neighbours per token (in_manifold)", 10)
-    seed: int | None = _help("noise seed; None: TrainingArguments.seed under LNSRTrainer, else 0")
-    refresh_every: int | None = _help("in_manifold: rebuild the neighbour table every so many optimizer steps "
+    ratio: float | None = hyperparameter("‖ε_t‖ / ‖x_t‖ per token; None: 0.05 for gaussian, 0.1 for in_manifold")
+    k: int = hyperparameter("neighbours per token (in_manifold)", 10)
+    seed: int | None = hyperparameter("noise seed; None: TrainingArguments.seed under LNSRTrainer, else 0")
+    refresh_every: int | None = hyperparameter("in_manifold: rebuild the neighbour table every so many optimizer steps "
                                       "(None: never; embeddings move little at fine-tuning learning rates)")
-    knn_backend: str = _help("neighbour search: 'auto', 'torch' or 'faiss'", "auto")
-    backend: str = _help("kernels: 'auto', 'cuda', 'triton' or 'torch'", "auto")
+    knn_backend: str = hyperparameter("neighbour search: 'auto', 'torch' or 'faiss'", "auto")
+    backend: str = hyperparameter("kernels: 'auto', 'cuda', 'triton' or 'torch'", "auto")
 
     def __post_init__(self):
         name = type(self).__name__
@@ -115,16 +110,16 @@ class LNSRConfig(NoiseConfig):
     >>> LNSRConfig(noise="in_manifold", k=10, ratio=0.1, layers=[4, 5, 6])
     """
 
-    weight: float | list = _help("λ for every chosen layer (0.02, chosen on validation in docs/reproduction), or one "
+    weight: float | list = hyperparameter("λ for every chosen layer (0.02, chosen on validation in docs/reproduction), or one "
                                  "λ per layer", DEFAULT_WEIGHT)
-    layers: int | list | None = _help("indices into the hidden states (0 = embedding output, negative from the end); "
+    layers: int | list | None = hyperparameter("indices into the hidden states (0 = embedding output, negative from the end); "
                                       "None: every transformer layer, 1..L")
-    reduction: str = _help("'sum': per layer, the mean over real tokens of ‖h_t − h̃_t‖²; 'mean': also / d", "sum")
-    mode: str = _help("'concat': clean and noisy copy in one pass of 2B rows; 'two_pass': two passes", "concat")
-    dropout: str = _help("'shared': both copies get the same dropout masks, so the penalty measures the noise; "
+    reduction: str = hyperparameter("'sum': per layer, the mean over real tokens of ‖h_t − h̃_t‖²; 'mean': also / d", "sum")
+    mode: str = hyperparameter("'concat': clean and noisy copy in one pass of 2B rows; 'two_pass': two passes", "concat")
+    dropout: str = hyperparameter("'shared': both copies get the same dropout masks, so the penalty measures the noise; "
                          "'independent': their own masks (a consistency term as in R-Drop)", "shared")
-    stack: str | None = _help("encoder–decoder models: the 'encoder' (default) or 'decoder' hidden states")
-    detach_clean: bool = _help("no penalty gradient through the clean copy", False)
+    stack: str | None = hyperparameter("encoder–decoder models: the 'encoder' (default) or 'decoder' hidden states")
+    detach_clean: bool = hyperparameter("no penalty gradient through the clean copy", False)
 
     def __post_init__(self):
         super().__post_init__()
@@ -158,7 +153,6 @@ class LNSRConfig(NoiseConfig):
     def name(self) -> str:
         """The method's name in `lnsr_fast.methods`: "lnsr" (Gaussian noise) or "lnsr_in_manifold"."""
         return "lnsr" if self.noise == "gaussian" else "lnsr_in_manifold"
-
 
 
 def draw(noise):

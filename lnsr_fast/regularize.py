@@ -86,10 +86,10 @@ def _pushed(p: _Pass):
 
 def _embedding_hook(handle: "Handle", module, args, output):
     p = _current_pass(handle)
-    if p is None and handle.model.training and torch.is_grad_enabled() and handle.active:
+    if p is None and handle.model.training and torch.is_grad_enabled():
         handle.warn_once(f"lnsr_fast: {type(handle.model).__name__}'s word embeddings ran in training outside its "
-                         "regularised forward (its layers were called directly, e.g. by TRL's fused LM head): that "
-                         "pass has no noise and no penalty")
+                         "regularised forward (something called its backbone or embedding directly, e.g. TRL's "
+                         "fused LM head): there is no noise and no penalty in that computation")
     if p is None or p.embedded:
         return None
     p.embedded = True
@@ -162,6 +162,11 @@ class Method:
 
     def remove(self) -> None:
         """Undo what the method changed on the model; nothing by default."""
+
+
+def hyperparameter(text: str, default=None):
+    """A method config's field: its default and its help text (the CLI's help reads it)."""
+    return dataclasses.field(default=default, metadata={"help": text})
 
 
 @dataclasses.dataclass

@@ -22,7 +22,6 @@ sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).res
 
 from transformers import BertConfig, BertForSequenceClassification, TrainingArguments  # noqa: E402
 
-import lnsr_fast as lf  # noqa: E402
 from families import TokenwiseNoise  # noqa: E402
 from lnsr_fast import LNSRConfig, LNSRTrainer  # noqa: E402
 from lnsr_fast.regularize import word_embeddings  # noqa: E402

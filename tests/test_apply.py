@@ -186,6 +186,18 @@ def test_the_clean_half_draws_the_plain_models_dropout_masks():
     assert not torch.allclose(model(**batch).logits, ref.logits)   # the masks matter at this rate
 
 
+def test_dropout_stays_paired_under_torch_compile():
+    model = make_model("bert", "seq", dropout=0.1)
+    penalties = {}
+    for dropout in ("shared", "independent"):
+        torch._dynamo.reset()
+        handle = lf.apply(model, lf.LNSRConfig(noise="gaussian", ratio=TINY, weight=1.0, dropout=dropout))
+        torch.compile(model, backend="aot_eager")(**make_batch(model, "seq")).loss.backward()
+        lf.remove(model)
+        penalties[dropout] = float(handle.last["lnsr_penalty"])
+    assert penalties["shared"] < 1e-8 < 1e-3 < penalties["independent"]
+
+
 @pytest.mark.parametrize("use_reentrant", [True, False])
 @pytest.mark.parametrize("family,head", [("bert", "seq"), ("llama", "seq"), ("bart", "s2s")])
 def test_gradient_checkpointing_redraws_the_paired_masks(family, head, use_reentrant, monkeypatch):

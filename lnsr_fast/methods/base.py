@@ -1,19 +1,11 @@
-"""What several methods share: the helper that declares a config field with its help text, and the divergences
-between two passes' outputs (docs/design.md §3)."""
+"""What several methods share: the divergences between two passes' outputs (docs/design.md §3)."""
 from __future__ import annotations
-
-from dataclasses import field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .. import heads
-
-
-def hyperparameter(text: str, default=None):
-    """A config field with its default and help text (the CLI's help reads it)."""
-    return field(default=default, metadata={"help": text})
 
 
 def real_tokens(attention_mask: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:

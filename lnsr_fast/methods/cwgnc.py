@@ -18,8 +18,7 @@ import torch
 from torch import nn
 
 from ..checks import check_real
-from ..regularize import Method, MethodConfig
-from .base import hyperparameter
+from ..regularize import Method, MethodConfig, hyperparameter
 
 
 class CWGNC(Method):

@@ -24,8 +24,8 @@ from torch import nn
 
 from ..checks import check_int, check_real
 from ..pairing import rng_state, set_rng_state
-from ..regularize import Call, Method, MethodConfig, word_embeddings
-from .base import hyperparameter, real_tokens
+from ..regularize import Call, Method, MethodConfig, hyperparameter, word_embeddings
+from .base import real_tokens
 
 
 class FreeLB(Method):

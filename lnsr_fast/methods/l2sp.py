@@ -16,8 +16,7 @@ import torch
 from torch import nn
 
 from ..checks import check_real
-from ..regularize import Call, Method, MethodConfig
-from .base import hyperparameter
+from ..regularize import Call, Method, MethodConfig, hyperparameter
 
 
 class L2SP(Method):

@@ -21,8 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..checks import check_real
-from ..regularize import Method, MethodConfig
-from .base import hyperparameter
+from ..regularize import Method, MethodConfig, hyperparameter
 
 
 def mixout_linear(module: nn.Linear, target: torch.Tensor, p: float, input: torch.Tensor) -> torch.Tensor:

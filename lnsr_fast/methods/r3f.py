@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 from ..checks import check_choice, check_real
-from ..regularize import Call, Method, MethodConfig
-from .base import hyperparameter, is_regression, mse, real_tokens, symmetric_kl
+from ..regularize import Call, Method, MethodConfig, hyperparameter
+from .base import is_regression, mse, real_tokens, symmetric_kl
 
 NOISE_TYPES = ("uniform", "normal")
 

@@ -21,8 +21,8 @@ import torch
 from torch import nn
 
 from ..checks import check_choice, check_int, check_real
-from ..regularize import Call, Method, MethodConfig
-from .base import hyperparameter, is_regression, kl_divergence, mse, real_tokens, symmetric_kl
+from ..regularize import Call, Method, MethodConfig, hyperparameter
+from .base import is_regression, kl_divergence, mse, real_tokens, symmetric_kl
 
 NORMS = ("inf", "l2")
 
