@@ -43,6 +43,7 @@ _RANDOM = {
 }
 
 _local = threading.local()
+_GENERATOR_TURNS = threading.Lock()   # paired attention restores the process-wide generator: one thread at a time
 
 
 def active_mode() -> "PairingMode | None":
@@ -147,13 +148,25 @@ class PairingMode(TorchFunctionMode):
         masks = (mask, mask)
         if mask is not None and mask.dim() and mask.shape[0] == self.rows:
             masks = mask.chunk(2)
-        if torch.compiler.is_compiling():   # generator states cannot be traced: attention spelled out
+        if not fused_halves(q):
             probs = _attention_probs(q, k, masks, a)
             return self._dropout(F.dropout, (probs, a["dropout_p"]), {}) @ _grouped(v, q, a["enable_gqa"])
-        state = rng_state(q.device)
-        first = func(*(t[:self.half] for t in (q, k, v)), attn_mask=masks[0], **a)
-        set_rng_state(state, q.device)
-        return torch.cat([first, func(*(t[self.half:] for t in (q, k, v)), attn_mask=masks[1], **a)])
+        # The fused kernels draw their own mask: both halves run from one generator state. It is the process's,
+        # so LNSR's threads take turns (a thread drawing random numbers on this device meanwhile would still
+        # change the second half's mask).
+        with _GENERATOR_TURNS:
+            state = rng_state(q.device)
+            first = func(*(t[:self.half] for t in (q, k, v)), attn_mask=masks[0], **a)
+            set_rng_state(state, q.device)
+            return torch.cat([first, func(*(t[self.half:] for t in (q, k, v)), attn_mask=masks[1], **a)])
+
+
+def fused_halves(query: torch.Tensor) -> bool:
+    """Whether paired attention dropout runs as two fused half-batch calls from one generator state (on a GPU),
+    rather than spelled out with one mask for both halves: on the CPU, whose attention with dropout takes that
+    math path anyway (and draws the same mask for the clean half), and under torch.compile, which cannot trace
+    generator states."""
+    return query.device.type != "cpu" and not torch.compiler.is_compiling()
 
 
 def _grouped(t: torch.Tensor, query: torch.Tensor, enable_gqa: bool) -> torch.Tensor:

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lnsr_fast import pairing
 from lnsr_fast.pairing import PairingMode, UnpairableRandomness, _attention_probs, active_mode, rng_state, set_rng_state
 
 CPU = torch.device("cpu")
@@ -140,9 +141,9 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("compiling", [False, True], ids=["fused-halves", "spelled-out"])
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-halves", "spelled-out"])
 @pytest.mark.parametrize("case", CASES)
-def test_paired_attention_matches_sdpa_forward_and_backward(case, compiling, monkeypatch):
+def test_paired_attention_matches_sdpa_forward_and_backward(case, fused, monkeypatch):
     kw = dict(CASES[case])
     heads_kv, lk = kw.pop("heads_kv", 4), kw.pop("lk", 6)
     mask_kind = kw.pop("attn_mask", None)
@@ -155,7 +156,7 @@ def test_paired_attention_matches_sdpa_forward_and_backward(case, compiling, mon
     want = F.scaled_dot_product_attention(*inputs, dropout_p=0.0, **kw)
     want_grads = torch.autograd.grad(want.square().sum(), inputs)
     inputs = [t.clone().requires_grad_() for t in (q, k, v)]
-    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: compiling)
+    monkeypatch.setattr(pairing, "fused_halves", lambda q: fused)
     with PairingMode(2):
         got = F.scaled_dot_product_attention(*inputs, dropout_p=NO_DROP, **kw)
     got_grads = torch.autograd.grad(got.square().sum(), inputs)
@@ -165,20 +166,25 @@ def test_paired_attention_matches_sdpa_forward_and_backward(case, compiling, mon
         torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("compiling", [False, True], ids=["fused-halves", "spelled-out"])
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-halves", "spelled-out"])
 @pytest.mark.parametrize("enable_gqa", [False, True])
-def test_attention_dropout_is_paired_across_the_halves(enable_gqa, compiling, monkeypatch):
+def test_attention_dropout_is_paired_across_the_halves(enable_gqa, fused, monkeypatch):
     q, k, v = _qkv(heads_kv=2 if enable_gqa else 4)
     q, k, v = (torch.cat([t[:2], t[:2]]) for t in (q, k, v))   # identical halves
     bool_mask = _masks()[0]
     bool_mask = torch.cat([bool_mask[:2], bool_mask[:2]])
     plain = F.scaled_dot_product_attention(q, k, v, attn_mask=bool_mask, enable_gqa=enable_gqa)
-    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: compiling)
+    monkeypatch.setattr(pairing, "fused_halves", lambda q: fused)
+    torch.manual_seed(4)
     with PairingMode(2):
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bool_mask, dropout_p=0.5, enable_gqa=enable_gqa)
     assert torch.isfinite(out).all()
     assert torch.equal(out[:2], out[2:])
     assert (out - plain).abs().max() > 1e-2   # dropout was applied
+    torch.manual_seed(4)   # and its clean half is what attention with dropout draws for those rows
+    want = F.scaled_dot_product_attention(q[:2], k[:2], v[:2], attn_mask=bool_mask[:2], dropout_p=0.5,
+                                          enable_gqa=enable_gqa)
+    torch.testing.assert_close(out[:2], want, rtol=1e-5, atol=1e-6)
 
 
 def test_spelled_out_probabilities_are_zero_for_a_query_that_sees_no_key():
