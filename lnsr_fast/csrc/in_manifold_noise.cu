@@ -1,258 +1,248 @@
-// In-manifold LNSR noise (DESIGN.md §1–§2) in one kernel: per token, gather its k neighbour rows,
-// orthonormalise their differences to the token by modified Gram–Schmidt in fp32, draw inside the span.
+// In-manifold LNSR noise (DESIGN.md §1–§2) in one kernel, one thread block per token: a pass over the k
+// neighbour rows accumulates the Gram matrix G = D Dᵀ of the differences d_j = e_j − x_t in fp64 on the
+// tensor cores (products of fp32 values are exact there, so the rank test resolves residuals far below
+// fp32's √eps); one warp factors G = RᵀR (Cholesky, row by row, with the reference's rank test: R_jj is the
+// norm of d_j's Gram–Schmidt residual) and solves R c = z over the kept directions; a second pass over the
+// same rows (mostly from L1/L2) writes ε_t = scale · Σ_j c_j d_j = scale · Σ_j z_j q_j. No work on the
+// rows of a block of 8 past k but the tensor-core products of zeros; no spills up to d = 8192, k = 32.
 #include <cfloat>
-
-#include <c10/util/Exception.h>
-#include <ATen/core/PhiloxRNGEngine.h>  // after c10/util/Exception.h, which it uses without including
 
 #include "device_utils.cuh"
 #include "lnsr_kernels.h"
 
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+#error "the in-manifold kernel uses the fp64 tensor cores (mma.m8n8k4.f64): build for compute capability 8.0 or newer"
+#endif
+
 namespace lnsr {
 namespace {
 
-// Elements per thread access: 16 bytes of fp32, 8 of bf16 / fp16.
-constexpr int kVec = 4;
+constexpr int kWarps = 4;  // warps per token; each takes every kWarps-th step of 16 columns
+constexpr int kThreads = 32 * kWarps;
+constexpr int kStep = 16;  // columns per warp step: lane (g, q) holds columns 4q .. 4q + 3 of neighbour 8b + g
+constexpr unsigned kFull = 0xffffffffu;
 
-// One thread block per token. Thread `tid` holds elements (c * blockDim.x + tid) * kVec + [0, kVec)
-// of x_t and of every difference vector, for c < CHUNKS, in registers; K bounds k at compile time
-// (register arrays need constant indices). A config serves d <= MAX_THREADS * CHUNKS * kVec.
-struct Config {
-  int k_max, chunks, max_threads;
-};
-constexpr Config kConfigs[] = {{8, 2, 512}, {16, 1, 512}, {32, 1, 256}};
-static_assert(kConfigs[2].k_max == kMaxNeighbors, "the last config takes the most neighbours");
+// C[8×8] += A[8×4]·B[4×8] in fp64. Lane l holds A[l/4][l%4], B[l%4][l/4] and C[l/4][2(l%4) + {0, 1}].
+__device__ __forceinline__ void mma_f64(double (&c)[2], double a, double b) {
+  asm volatile("mma.sync.aligned.m8n8k4.row.col.f64.f64.f64.f64 {%0, %1}, {%2}, {%3}, {%0, %1};\n"
+               : "+d"(c[0]), "+d"(c[1])
+               : "d"(a), "d"(b));
+}
 
-// The Philox stream of token t is (seed, subsequence t), read in 128-bit blocks of 4 normals: blocks
-// [0, 8) give z_t0..z_t31, block 8 + i/4 gives the fallback draws of elements i..i+3. Every draw
-// depends only on (seed, token, index), not on the launch shape.
-constexpr uint64_t kFallbackBlock = kMaxNeighbors / 4;
+// d_j = embed_scale·e_j − x_t in fp32, rounded the same way in both passes (and as the reference: the
+// scaled row first, then the difference).
+__device__ __forceinline__ float difference(float e, float x, float embed_scale) {
+  return __fsub_rn(__fmul_rn(embed_scale, e), x);
+}
 
-__device__ __forceinline__ void normal4(uint64_t seed, uint64_t token, uint64_t block, float (&out)[4]) {
-  at::Philox4_32 gen(seed, token, block);
+// The differences of this lane's neighbours j = 8b + g (0 for j >= k) at its 4 columns from `col`, and
+// x_t there: the operands of both passes.
+template <int RB>
+__device__ __forceinline__ void load_step(const InManifoldArgs& a, int64_t t, const int32_t (&nbr)[RB], int g,
+                                          int64_t col, bool vec, float (&x)[4], float (&diff)[RB][4]) {
+  load4(a.x, t * a.d, col, a.d, a.x_dtype, vec, x);
 #pragma unroll
-  for (int p = 0; p < 2; ++p) {  // Box–Muller on two pairs of uniforms
-    const uint32_t a = gen(), b = gen();
-    const float u1 = fmaf(float(a), 0x1p-32f, 0x1p-33f);  // in (0, 1]: the log stays finite
-    const float u2 = float(b) * 0x1p-32f;
-    const float r = sqrtf(-2.0f * logf(u1));
-    float s, c;
-    sincospif(2.0f * u2, &s, &c);
-    out[2 * p] = r * c;
-    out[2 * p + 1] = r * s;
+  for (int b = 0; b < RB; ++b) {
+    float e[4] = {};
+    const bool live = 8 * b + g < a.k;
+    if (live) load4(a.weight, int64_t(nbr[b]) * a.d, col, a.d, a.w_dtype, vec, e);
+#pragma unroll
+    for (int m = 0; m < 4; ++m) diff[b][m] = live && col + m < a.d ? difference(e[m], x[m], a.embed_scale) : 0.0f;
   }
 }
 
-template <int CHUNKS>
-__device__ __forceinline__ void load_row(const void* base, int64_t row, int d, DType dt, bool vec,
-                                         float (&out)[CHUNKS * kVec]) {
-#pragma unroll
-  for (int c = 0; c < CHUNKS; ++c) {
-    const int i = (c * blockDim.x + threadIdx.x) * kVec;
-    float part[kVec];
-    if (vec && i < d) {  // vec implies d % kVec == 0, so the whole access is inside the row
-      load_vec<kVec>(base, row + i, dt, part);
-    } else {  // elements past d read as 0 and add nothing to any dot product
-#pragma unroll
-      for (int e = 0; e < kVec; ++e) part[e] = i + e < d ? load_scalar(base, row + i + e, dt) : 0.0f;
-    }
-#pragma unroll
-    for (int e = 0; e < kVec; ++e) out[c * kVec + e] = part[e];
-  }
-}
+template <int RB>  // blocks of 8 neighbour rows: k <= 8·RB
+__global__ void __launch_bounds__(kThreads, 1) in_manifold_noise_kernel(const InManifoldArgs a, bool vec) {
+  constexpr int KP = 8 * RB;
+  constexpr int TILES = RB * (RB + 1) / 2;  // the upper triangle of G in 8×8 tiles
+  __shared__ double partial[kWarps][TILES][64];  // each warp's Gram tiles, C-fragment order
+  __shared__ double gram[KP][KP + 1];            // G, then R in its upper triangle
+  __shared__ double coef[KP];                    // c = R⁻¹z
+  __shared__ double x_sq[kWarps];
+  __shared__ double scale_shared;
+  __shared__ bool fell_shared;
 
-template <int CHUNKS>
-__device__ __forceinline__ void store_row(void* base, int64_t row, int d, DType dt, bool vec,
-                                          const float (&v)[CHUNKS * kVec], float scale) {
-#pragma unroll
-  for (int c = 0; c < CHUNKS; ++c) {
-    const int i = (c * blockDim.x + threadIdx.x) * kVec;
-    float part[kVec];
-#pragma unroll
-    for (int e = 0; e < kVec; ++e) part[e] = v[c * kVec + e] * scale;
-    if (vec && i < d) {
-      store_vec<kVec>(base, row + i, dt, part);
-    } else {
-#pragma unroll
-      for (int e = 0; e < kVec; ++e)
-        if (i + e < d) store_scalar(base, row + i + e, dt, part[e]);
-    }
-  }
-}
-
-template <int CHUNKS>
-__device__ __forceinline__ float sum_sq(const float (&v)[CHUNKS * kVec]) {
-  float s = 0.0f;
-#pragma unroll
-  for (int e = 0; e < CHUNKS * kVec; ++e) s += v[e] * v[e];
-  return s;
-}
-
-template <int K, int CHUNKS, int MAX_THREADS>
-__global__ void __launch_bounds__(MAX_THREADS) in_manifold_noise_kernel(const InManifoldArgs a, bool vec) {
-  constexpr int E = CHUNKS * kVec;
-  __shared__ float red[2][MAX_THREADS / 32 * (K + 1)];  // block_sum's two alternating buffers
   const int64_t t = blockIdx.x;
-  const int d = a.d, k = a.k;
-  const bool real = a.real == nullptr || a.real[t];
-  const int64_t id = a.ids[t];
-
-  if (!real) {  // padding: ε = 0 whatever x holds there
-    const float zero[E] = {};
-    store_row<CHUNKS>(a.eps, t * d, d, a.x_dtype, vec, zero, 0.0f);
+  const int64_t d = a.d;
+  const int k = a.k, lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, q = lane % 4;
+  if (a.real != nullptr && !a.real[t]) {  // padding: ε = 0 whatever x holds there, nothing read
+    const float zero[4] = {};
+    for (int64_t i = int64_t(threadIdx.x) * 4; i < d; i += kThreads * 4) store4(a.eps, t * d, i, d, a.x_dtype, vec, zero);
     if (threadIdx.x == 0) a.fell_back[t] = false;
     return;
   }
+  const int64_t id = a.ids[t];
+  int32_t nbr[RB];
+#pragma unroll
+  for (int b = 0; b < RB; ++b) nbr[b] = 8 * b + g < k ? a.table[id * k + 8 * b + g] : 0;
 
-  // All loads are issued before any result is used, so their latencies overlap: neighbour ids, then
-  // x_t and the k neighbour rows.
-  int32_t nbr[K];
-#pragma unroll
-  for (int j = 0; j < K; ++j)
-    if (j < k) nbr[j] = a.table[id * k + j];
-  float acc[E];  // x_t while the differences are formed, then ε_t
-  load_row<CHUNKS>(a.x, t * d, d, a.x_dtype, vec, acc);
-  float v[K][E];  // d_j = embed_scale·weight[nbr_j] − x_t, turned in place into q_j (or dropped)
-#pragma unroll
-  for (int j = 0; j < K; ++j)
-    if (j < k) load_row<CHUNKS>(a.weight, int64_t(nbr[j]) * d, d, a.w_dtype, vec, v[j]);
-#pragma unroll
-  for (int j = 0; j < K; ++j)
-    if (j < k) {
-#pragma unroll
-      for (int e = 0; e < E; ++e) v[j][e] = a.embed_scale * v[j][e] - acc[e];
-    }
-
-  float sq[K + 1];  // ‖x_t‖², ‖d_0‖², ..., ‖d_{k-1}‖²
-  sq[0] = sum_sq<CHUNKS>(acc);
-#pragma unroll
-  for (int j = 0; j < K; ++j)
-    if (j < k) sq[j + 1] = sum_sq<CHUNKS>(v[j]);
-  int buf = 0;
-  block_sum(sq, 0, k + 1, red[buf]);
-  buf ^= 1;
-  const float x_norm = sqrtf(sq[0]);
-  float threshold[K];  // rank_tol·‖d_j‖: a residual at or below it is dependent on the kept q_i
-#pragma unroll
-  for (int j = 0; j < K; ++j)
-    if (j < k) threshold[j] = a.rank_tol * sqrtf(sq[j + 1]);
-
-  // Modified Gram–Schmidt, right-looking: once q_j is final it is projected out of every later
-  // residual, so each residual sees the same subtractions in the same order as in the reference's
-  // loop, and the dot products of a step share one block reduction. The vector of step j is always
-  // v[0]: the arrays shift down one slot per step, which keeps register indices constant without
-  // unrolling the loop over j (that would cost O(K²) code and minutes of compilation).
-#pragma unroll
-  for (int e = 0; e < E; ++e) acc[e] = 0.0f;
-  bool any_kept = false;
-  float draws[4];  // generated z: the rest of the current Philox block, next draw first
+  // Pass 1: this warp's share of G (tile (bi, bj) ← rows 8bi.., 8bj..) and of ‖x_t‖² (lanes g = 0 hold
+  // each column once), all in fp64.
+  double acc[TILES][2] = {};
+  double xx = 0.0;
 #pragma unroll 1
-  for (int j = 0; j < k; ++j) {
-    const int left = k - j;  // v[0, left) are the residuals still to orthonormalise
-    float z_j;
-    if (a.z != nullptr) {
-      z_j = a.z[t * k + j];
-    } else {
-      if (j % 4 == 0) normal4(a.seed, t, j / 4, draws);
-      z_j = draws[0];
-      draws[0] = draws[1], draws[1] = draws[2], draws[2] = draws[3];
-    }
-    float residual = sqrtf(sq[1]);  // nothing is projected out of d_0
-    if (j > 0) {
-      float r[1] = {sum_sq<CHUNKS>(v[0])};
-      block_sum(r, 0, 1, red[buf]);
-      buf ^= 1;
-      residual = sqrtf(r[0]);
-    }
-    if (residual > threshold[0]) {  // kept (a NaN residual is dropped, as in the reference)
-      any_kept = true;
-      const float norm = fmaxf(residual, FLT_MIN);
+  for (int64_t start = int64_t(warp) * kStep; start < d; start += kWarps * kStep) {
+    float x[4], diff[RB][4];
+    load_step<RB>(a, t, nbr, g, start + 4 * q, vec, x, diff);
+    double dd[RB][4];
 #pragma unroll
-      for (int e = 0; e < E; ++e) {
-        v[0][e] /= norm;
-        acc[e] += z_j * v[0][e];
+    for (int b = 0; b < RB; ++b)
+#pragma unroll
+      for (int m = 0; m < 4; ++m) dd[b][m] = double(diff[b][m]);
+    if (g == 0)
+#pragma unroll
+      for (int m = 0; m < 4; ++m) xx += double(x[m]) * double(x[m]);
+    int tile = 0;
+#pragma unroll
+    for (int bi = 0; bi < RB; ++bi)
+#pragma unroll
+      for (int bj = bi; bj < RB; ++bj, ++tile)
+#pragma unroll
+        for (int m = 0; m < 4; ++m) mma_f64(acc[tile], dd[bi][m], dd[bj][m]);  // column 4q + m of the step
+  }
+#pragma unroll
+  for (int tile = 0; tile < TILES; ++tile)
+#pragma unroll
+    for (int i = 0; i < 2; ++i) partial[warp][tile][8 * g + 2 * q + i] = acc[tile][i];
+#pragma unroll
+  for (int offset = 16; offset > 0; offset /= 2) xx += __shfl_xor_sync(kFull, xx, offset);
+  if (lane == 0) x_sq[warp] = xx;
+  __syncthreads();
+  // The warps' partials added in warp order (the same bits on every run); only G's upper triangle is read.
+  for (int e = threadIdx.x; e < TILES * 64; e += kThreads) {
+    const int tile = e / 64, r = e % 64 / 8, c = e % 8;
+    int bi = 0, first = 0;  // tile → (bi, bj) of the row-major upper triangle
+    while (tile >= first + RB - bi) first += RB - bi, ++bi;
+    const int bj = bi + tile - first;
+    double sum = 0.0;
+    for (int w = 0; w < kWarps; ++w) sum += partial[w][tile][e % 64];
+    gram[8 * bi + r][8 * bj + c] = sum;
+  }
+  __syncthreads();
+
+  if (warp == 0) {
+    // Cholesky, right-looking: lane i owns column i. At step j the trailing matrix's row j is gram[j][j..];
+    // R_jj = √G'_jj, kept when above rank_tol·‖d_j‖ (a NaN is dropped), R_ji = G'_ji / R_jj; row j of R is
+    // stored over it, and R_j·ᵀR_j· leaves the rows below.
+    const int i = lane;
+    const double threshold = i < k ? double(a.rank_tol) * sqrt(gram[i][i]) : 0.0;
+    unsigned kept = 0;
+    for (int j = 0; j < k; ++j) {
+      const double residual = sqrt(fmax(gram[j][j], 0.0));  // rounding may leave it below 0
+      const bool keep = residual > __shfl_sync(kFull, threshold, j);
+      const double r_ji = keep && i >= j && i < k ? gram[j][i] / residual : 0.0;
+      __syncwarp();
+      if (i >= j && i < k) gram[j][i] = r_ji;
+      for (int p = j + 1; p < k; ++p) {
+        const double r_jp = __shfl_sync(kFull, r_ji, p);
+        if (i >= p && i < k) gram[p][i] -= r_jp * r_ji;
       }
-      if (left > 1) {
-        float dots[K];
-#pragma unroll
-        for (int l = 1; l < K; ++l) {
-          dots[l] = 0.0f;
-#pragma unroll
-          for (int e = 0; e < E; ++e) dots[l] += v[0][e] * v[l][e];
-        }
-        block_sum(dots, 1, left, red[buf]);
-        buf ^= 1;
-#pragma unroll
-        for (int l = 1; l < K; ++l)
-          if (l < left) {
-#pragma unroll
-            for (int e = 0; e < E; ++e) v[l][e] -= dots[l] * v[0][e];
-          }
+      __syncwarp();
+      kept |= unsigned(keep) << j;
+    }
+    // z_i (given, or normal i of the token's Philox stream), then c: back substitution over columns.
+    double z = 0.0;
+    if (i < k) {
+      if (a.z != nullptr) {
+        z = a.z[t * k + i];
+      } else {
+        float draws[4];
+        normal4(a.seed, uint64_t(t), uint64_t(i / 4), draws);
+        const int m = i % 4;  // selected, not indexed: a runtime index would put the array in local memory
+        z = m == 0 ? draws[0] : m == 1 ? draws[1] : m == 2 ? draws[2] : draws[3];
       }
     }
+    double z_sq = (kept >> i & 1u) ? z * z : 0.0;  // ‖ε_t‖² before scaling: the q_j are orthonormal
 #pragma unroll
-    for (int l = 0; l + 1 < K; ++l) {
-      threshold[l] = threshold[l + 1];
-#pragma unroll
-      for (int e = 0; e < E; ++e) v[l][e] = v[l + 1][e];
+    for (int offset = 16; offset > 0; offset /= 2) z_sq += __shfl_xor_sync(kFull, z_sq, offset);
+    double c = z;
+    for (int j = k - 1; j >= 0; --j) {
+      double c_j = __shfl_sync(kFull, c, j);
+      c_j = (kept >> j & 1u) ? c_j / gram[j][j] : 0.0;
+      if (i == j) c = c_j;
+      if (i < j) c -= gram[i][j] * c_j;
+    }
+    if (i < KP) coef[i] = i < k ? c : 0.0;
+    if (lane == 0) {
+      double total = 0.0;
+      for (int w = 0; w < kWarps; ++w) total += x_sq[w];
+      fell_shared = kept == 0;
+      scale_shared = double(a.ratio) * sqrt(total) / fmax(sqrt(z_sq), double(FLT_MIN));
     }
   }
-
-  if (!any_kept) {  // the differences span nothing: Gaussian noise instead
+  __syncthreads();
+  const bool fell = fell_shared;
+  double scale = scale_shared;
+  if (fell) {  // the differences span nothing: full-width Gaussian noise (element i: normal 32 + i), norm first
+    __shared__ float red[kWarps];
+    float sq[1] = {0.0f};
+    for (int64_t i = int64_t(threadIdx.x) * 4; i < d; i += kThreads * 4) {
+      float f[4];
+      if (a.fallback_z != nullptr) load4(a.fallback_z, t * d, i, d, DType::f32, vec, f);
+      else normal4(a.seed, uint64_t(t), uint64_t(kMaxNeighbors / 4 + i / 4), f);
 #pragma unroll
-    for (int c = 0; c < CHUNKS; ++c) {
-      const int i = (c * blockDim.x + threadIdx.x) * kVec;
-      float part[kVec] = {};
-      if (a.fallback_z != nullptr) {
-        if (vec && i < d) load_vec<kVec>(a.fallback_z, t * d + i, DType::f32, part);
-        else
-#pragma unroll
-          for (int e = 0; e < kVec; ++e) part[e] = i + e < d ? a.fallback_z[t * d + i + e] : 0.0f;
-      } else if (i < d) {
-        normal4(a.seed, t, kFallbackBlock + i / kVec, part);
-#pragma unroll
-        for (int e = 0; e < kVec; ++e) part[e] = i + e < d ? part[e] : 0.0f;
-      }
-#pragma unroll
-      for (int e = 0; e < kVec; ++e) acc[c * kVec + e] = part[e];
+      for (int e = 0; e < 4; ++e) sq[0] += i + e < d ? f[e] * f[e] : 0.0f;
     }
+    block_sum(sq, 0, 1, red);
+    float x_norm_sq = 0.0f;
+    for (int w = 0; w < kWarps; ++w) x_norm_sq += float(x_sq[w]);
+    scale = double(a.ratio * sqrtf(x_norm_sq) / fmaxf(sqrtf(sq[0]), FLT_MIN));
   }
 
-  float eps_sq[1] = {sum_sq<CHUNKS>(acc)};
-  block_sum(eps_sq, 0, 1, red[buf]);
-  const float scale = a.ratio * x_norm / fmaxf(sqrtf(eps_sq[0]), FLT_MIN);
-  store_row<CHUNKS>(a.eps, t * d, d, a.x_dtype, vec, acc, scale);
-  if (threadIdx.x == 0) a.fell_back[t] = !any_kept;
+  // Pass 2 over the same columns as pass 1: Σ_j c_j d_j per column in fp64, summed over the lanes of a
+  // column (xor 4, 8, 16: a fixed order), written by the lanes g = 0.
+#pragma unroll 1
+  for (int64_t start = int64_t(warp) * kStep; start < d; start += kWarps * kStep) {
+    const int64_t col = start + 4 * q;
+    double e[4] = {};
+    if (!fell) {
+      float x[4], diff[RB][4];
+      load_step<RB>(a, t, nbr, g, col, vec, x, diff);
+#pragma unroll
+      for (int b = 0; b < RB; ++b)
+#pragma unroll
+        for (int m = 0; m < 4; ++m) e[m] += coef[8 * b + g] * double(diff[b][m]);
+#pragma unroll
+      for (int offset = 4; offset < 32; offset *= 2)
+#pragma unroll
+        for (int m = 0; m < 4; ++m) e[m] += __shfl_xor_sync(kFull, e[m], offset);
+    } else if (g == 0) {
+      float f[4];
+      if (a.fallback_z != nullptr) load4(a.fallback_z, t * d, col, d, DType::f32, vec, f);
+      else normal4(a.seed, uint64_t(t), uint64_t(kMaxNeighbors / 4 + col / 4), f);
+#pragma unroll
+      for (int m = 0; m < 4; ++m) e[m] = f[m];
+    }
+    if (g == 0) {
+      float out[4];
+#pragma unroll
+      for (int m = 0; m < 4; ++m) out[m] = float(e[m] * scale);
+      store4(a.eps, t * d, col, d, a.x_dtype, vec, out);
+    }
+  }
+  if (threadIdx.x == 0) a.fell_back[t] = fell;
 }
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
-template <int C>
+template <int RB>
 cudaError_t launch(const InManifoldArgs& a, cudaStream_t stream) {
-  constexpr Config cfg = kConfigs[C];
-  constexpr int per_thread = cfg.chunks * kVec;
-  const int threads = ((a.d + per_thread - 1) / per_thread + 31) / 32 * 32;
-  const bool vec = a.d % kVec == 0 && aligned16(a.x) && aligned16(a.weight) && aligned16(a.eps) &&
+  const bool vec = a.d % 4 == 0 && aligned16(a.x) && aligned16(a.weight) && aligned16(a.eps) &&
                    (a.fallback_z == nullptr || aligned16(a.fallback_z));
-  in_manifold_noise_kernel<cfg.k_max, cfg.chunks, cfg.max_threads>
-      <<<static_cast<unsigned>(a.n), threads > 0 ? threads : 32, 0, stream>>>(a, vec);
+  in_manifold_noise_kernel<RB><<<static_cast<unsigned>(a.n), kThreads, 0, stream>>>(a, vec);
   return cudaGetLastError();
 }
 
 }  // namespace
 
-int64_t in_manifold_max_dim(int64_t k) {
-  if (k < 1) return 0;
-  for (const Config& c : kConfigs)
-    if (k <= c.k_max) return int64_t(c.max_threads) * c.chunks * kVec;
-  return 0;
-}
-
 cudaError_t launch_in_manifold_noise(const InManifoldArgs& args, cudaStream_t stream) {
   if (args.n == 0) return cudaSuccess;
-  if (args.k <= kConfigs[0].k_max) return launch<0>(args, stream);
-  if (args.k <= kConfigs[1].k_max) return launch<1>(args, stream);
-  return launch<2>(args, stream);
+  switch ((args.k + 7) / 8) {
+    case 1: return launch<1>(args, stream);
+    case 2: return launch<2>(args, stream);
+    case 3: return launch<3>(args, stream);
+    default: return launch<4>(args, stream);
+  }
 }
 
 }  // namespace lnsr
