@@ -73,9 +73,10 @@ $(CUDA_VENV)/.installed:
 
 .PHONY: cuda-compile
 cuda-compile: $(CUDA_VENV)/.installed
+	rm -rf $(CUDA_BUILD)/temp  # a full build: ptxas reports only what it compiles
 	mkdir -p $(CUDA_BUILD)
 	PATH="$(CURDIR)/$(CUDA_VENV)/bin:$$PATH" CUDA_HOME=$(CUDA_HOME) LNSR_FAST_CUDA=1 LNSR_FAST_NVCC_FLAGS="-Xptxas -v" \
-		$(CUDA_VENV)/bin/python setup.py --quiet build_ext --force --build-lib $(CUDA_BUILD) \
+		$(CUDA_VENV)/bin/python setup.py --quiet build_ext --build-lib $(CUDA_BUILD) \
 		--build-temp $(CUDA_BUILD)/temp > $(CUDA_BUILD)/build.log 2>&1 || (tail -n 60 $(CUDA_BUILD)/build.log; exit 1)
 	$(CUDA_VENV)/bin/python benchmarks/kernel_resources.py cuda $(CUDA_BUILD)/build.log \
 		$(CUDA_BUILD)/lnsr_fast/_C.*.so --results $(CUDA_BUILD)

@@ -170,9 +170,8 @@ def _ptxas_report(text: str, default_arch: str = "") -> list[dict]:
 
 def _kernel_name(mangled: str) -> tuple[str, str]:
     """(kernel, template arguments) of a mangled lnsr kernel name."""
-    m = re.search(r"\d+(\w+?_kernel)(?:I(L\w+?)EE)?", mangled)
-    args = re.findall(r"Li(\d+)E", m.group(2) or "") if m.group(2) else []
-    return m.group(1), ",".join(args)
+    m = re.search(r"\d+([a-z][a-z_]*_kernel)(I(?:Li\d+E)+E)?", mangled)
+    return m.group(1), ",".join(re.findall(r"Li(\d+)E", m.group(2) or ""))
 
 
 def cuda_rows(log: str, library: str) -> list[dict]:

@@ -63,7 +63,9 @@ def _cell(name: str, row: dict) -> str:
     if p20 is not None and p80 is not None and p20 != p80:
         text += f" [{p20:.3g}–{p80:.3g}]"
     floor = _number(row.get("x_floor"))
-    return text + (f", {floor:.3g}× floor" if floor is not None and row.get("variant") != "bytes_floor" else "")
+    text += f", {floor:.3g}× floor" if floor is not None and row.get("variant") != "bytes_floor" else ""
+    peak = _number(row.get("peak_mib"))
+    return text + (f", {peak:.4g} MiB" if peak is not None else "")
 
 
 def markdown(name: str, rows: list[dict]) -> str:
@@ -77,9 +79,10 @@ def markdown(name: str, rows: list[dict]) -> str:
     software = "; ".join(f"{v} {', '.join(sorted({r.get(v) or '-' for r in rows}))}" for v in VERSIONS)
     what = {"step": "time per optimizer step ÷ plain fine-tuning (FT) of the same run, median time, peak "
                     "memory allocated (GPU only; blank on the CPU)",
-            "noise": "noise for one batch, median [p20–p80] and multiple of the bytes floor",
-            "stability": "stability penalty over all layers, forward + backward, median [p20–p80] and "
-                         "multiple of the bytes floor"}[name]
+            "noise": "noise for one batch, median [p20–p80] GPU time, multiple of the bytes floor and memory "
+                     "allocated (GPU only)",
+            "stability": "stability penalty over all layers, forward + backward as a concat-mode step uses it, "
+                         "median [p20–p80] GPU time, multiple of the bytes floor and memory allocated (GPU only)"}[name]
     lines = [f"# {name} on {', '.join(devices)}", "", f"{what}. Latest measurement of each case; "
              f"runs {runs[0]} to {runs[-1]}; {software}.", "",
              "| " + " | ".join([" ".join(spec["rows"]), *col_labels]) + " |", "|---" * (len(col_labels) + 1) + "|"]
@@ -184,7 +187,7 @@ def targets(paths) -> str:
         if r["variant"] != "bytes_floor":
             continue
         case = {"size": r["size"], "batch": r["batch"], "seq": r["seq"], "dtype": r["dtype"]}
-        best = _fastest_kernel(by_name["stability"], "stability_", **case)
+        best = _fastest_kernel(by_name["stability"], "concat_", **case)
         loop = next((x for x in by_name["stability"] if x["variant"] == "mse_loss_loop"
                      and all(x.get(k) == v for k, v in case.items())), None)
         if best:

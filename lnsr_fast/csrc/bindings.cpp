@@ -209,7 +209,13 @@ lnsr::StabilityArgs stability_args(const std::vector<Tensor>& clean, const std::
     check_contiguous(noisy[i], "noisy[" + std::to_string(i) + "]");
   }
   if (real) check_contiguous(*real, "real");
-  for (int64_t i = 0; i < n_layers; ++i) {
+  return args;
+}
+
+// The device checks (after every other, so that those are reachable with CPU tensors) and the addresses.
+void place_stability_args(lnsr::StabilityArgs& args, const std::vector<Tensor>& clean, const std::vector<Tensor>& noisy,
+                          const std::optional<Tensor>& real) {
+  for (int64_t i = 0; i < args.n_layers; ++i) {
     check_device(clean[i], "clean[" + std::to_string(i) + "]", clean[0], "clean[0]");
     check_device(noisy[i], "noisy[" + std::to_string(i) + "]", clean[0], "clean[0]");
     args.layers[i].clean = clean[i].data_ptr();
@@ -219,12 +225,12 @@ lnsr::StabilityArgs stability_args(const std::vector<Tensor>& clean, const std::
     check_device(*real, "real", clean[0], "clean[0]");
     args.real = real->data_ptr<bool>();
   }
-  return args;
 }
 
 Tensor stability_forward(const std::vector<Tensor>& clean, const std::vector<Tensor>& noisy,
                          const std::optional<Tensor>& real, const std::vector<double>& weights, const std::string& reduction) {
   lnsr::StabilityArgs args = stability_args(clean, noisy, real, weights, reduction);
+  place_stability_args(args, clean, noisy, real);
   const c10::cuda::CUDAGuard guard(clean[0].device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int grid = lnsr::stability_grid(args.n_layers * args.n_tokens, sm_count(clean[0].device()));
@@ -250,7 +256,6 @@ void stability_backward(const Tensor& grad, const std::vector<Tensor>& clean, co
   check_dtype(grad, "grad", at::kFloat);
   TORCH_CHECK_VALUE(grad.dim() == 0, "grad must be a 0-dim tensor, got shape ", grad.sizes());
   lnsr::StabilityArgs args = stability_args(clean, noisy, real, weights, reduction);
-  check_device(grad, "grad", clean[0], "clean[0]");
   for (const auto* outputs : {&grads_clean, &grads_noisy}) {
     if (!*outputs) continue;
     const bool is_clean = outputs == &grads_clean;
@@ -273,7 +278,16 @@ void stability_backward(const Tensor& grad, const std::vector<Tensor>& clean, co
         check_shape(g, name, like.sizes());
       }
       check_contiguous(g, name);
-      check_device(g, name, clean[0], "clean[0]");
+    }
+  }
+  place_stability_args(args, clean, noisy, real);
+  check_device(grad, "grad", clean[0], "clean[0]");
+  for (const auto* outputs : {&grads_clean, &grads_noisy}) {
+    if (!*outputs) continue;
+    const bool is_clean = outputs == &grads_clean;
+    for (int64_t i = 0; i < args.n_layers; ++i) {
+      const Tensor& g = (**outputs)[i];
+      check_device(g, (is_clean ? "grads_clean[" : "grads_noisy[") + std::to_string(i) + "]", clean[0], "clean[0]");
       (is_clean ? args.layers[i].grad_clean : args.layers[i].grad_noisy) = g.data_ptr();
     }
   }

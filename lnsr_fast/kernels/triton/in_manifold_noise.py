@@ -29,11 +29,6 @@ def _differences(x_ptr, w_ptr, t, nbr, live_js, cols, d, embed_scale, is_real):
     return tl.where(live, rows * embed_scale - x[None, :], 0.0), x
 
 
-@triton.jit
-def _entry(vector, js, j):
-    return tl.sum(tl.where(js == j, vector, 0.0))
-
-
 @triton.jit(do_not_specialize=["k", "seed"])  # one compiled kernel for every k of a tile size
 def _in_manifold_noise_kernel(x_ptr, ids_ptr, table_ptr, w_ptr, real_ptr, z_ptr, fz_ptr, eps_ptr, fell_ptr,
                               d, k, ratio, rank_tol, embed_scale, seed,
@@ -65,8 +60,9 @@ def _in_manifold_noise_kernel(x_ptr, ids_ptr, table_ptr, w_ptr, real_ptr, z_ptr,
     factor = tl.zeros([BLOCK_K, BLOCK_K], dtype=tl.float64)
     for j in range(k):
         row = tl.sum(tl.where(row_ids == j, gram, 0.0), axis=0)  # the trailing matrix's row j
-        residual = tl.sqrt(tl.maximum(_entry(row, js, j), 0.0))  # rounding may leave it < 0
-        keep = residual > rank_tol * _entry(norm0, js, j)
+        # (Entries picked with where + sum, inline: a helper call costs the interpreter milliseconds.)
+        residual = tl.sqrt(tl.maximum(tl.sum(tl.where(js == j, row, 0.0)), 0.0))  # rounding may leave it < 0
+        keep = residual > rank_tol * tl.sum(tl.where(js == j, norm0, 0.0))
         r_row = tl.where(js >= j, tl.where(keep, row / tl.where(keep, residual, 1.0), 0.0), 0.0)
         factor = tl.where(row_ids == j, r_row[None, :], factor)
         gram -= r_row[:, None] * r_row[None, :]
@@ -81,8 +77,8 @@ def _in_manifold_noise_kernel(x_ptr, ids_ptr, table_ptr, w_ptr, real_ptr, z_ptr,
     for step in range(k):
         j = k - 1 - step
         r_row = tl.sum(tl.where(row_ids == j, factor, 0.0), axis=0)
-        r_jj = _entry(r_row, js, j)
-        c_j = (_entry(z, js, j) - tl.sum(tl.where(js > j, r_row * coef, 0.0))) / tl.where(r_jj > 0, r_jj, 1.0)
+        r_jj = tl.sum(tl.where(js == j, r_row, 0.0))
+        c_j = (tl.sum(tl.where(js == j, z, 0.0)) - tl.sum(tl.where(js > j, r_row * coef, 0.0))) / tl.where(r_jj > 0, r_jj, 1.0)
         coef = tl.where(js == j, tl.where(r_jj > 0, c_j, 0.0), coef)
     kept = tl.sum(tl.where(row_ids == js[None, :], factor, 0.0), axis=0) > 0
     z_norm = tl.sqrt(tl.sum(tl.where(kept, z * z, 0.0)))
