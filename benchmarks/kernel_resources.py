@@ -83,7 +83,7 @@ def _recorded_launches() -> list:
     JITFunction.run = lambda self, *args, grid, warmup, **kwargs: launches.append((self, args, kwargs))
     try:
         g = torch.Generator().manual_seed(0)
-        for d in (64, 768, MAX_WIDTH):
+        for d in (64, 768, MAX_WIDTH):  # a narrow tile (d <= 64) and the wide one
             x = torch.randn(5, d, generator=g)
             real = torch.ones(5, dtype=torch.bool)
             gaussian_noise.gaussian_noise(x, 0.1, 0, real)
@@ -134,29 +134,27 @@ def triton_rows(archs: list[int]) -> list[dict]:
             with contextlib.redirect_stdout(log):
                 result = triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=target,
                                         options=options.__dict__)
-            (report,) = _ptxas_report(log.getvalue(), default_arch=f"sm_{arch}")
+            (report,) = _ptxas_report(log.getvalue())
             with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
                 f.write(result.asm["cubin"])
                 f.flush()
                 report["instructions"] = sum(_sass_counts(f.name).values())
             names = {kernel.arg_names[k[0]]: v for k, v in constexprs.items() if len(k) == 1}
-            config = " ".join(f"{n}={names[n]}" for n in ("BLOCK_K", "BLOCK_D", "ROWS", "G") if n in names)
+            config = " ".join(f"{n}={names[n]}" for n in ("BLOCK_K", "BLOCK_D", "ROWS", "G", "VEC") if n in names)
             report.update(backend="triton", kernel=kernel.fn.__name__.strip("_"),
                           config=f"{config} warps={options.num_warps}", shared_bytes=result.metadata.shared)
             rows.append(report)
     return rows
 
 
-def _ptxas_report(text: str, default_arch: str = "") -> list[dict]:
-    """One dict per function of a `ptxas -v` report: function (mangled), arch, registers, stack_bytes,
-    spill_bytes (stores), shared_bytes."""
+def _ptxas_report(text: str) -> list[dict]:
+    """One dict per compiled function of a `ptxas -v` report: function (mangled), arch, registers,
+    stack_bytes, spill_bytes (stores), shared_bytes."""
     rows, current = [], None
     for line in text.splitlines():
-        if m := re.search(r"(?:Compiling entry function|Function properties for) '?([^' ]+)'?(?: for '(sm_\d+)a?')?",
-                          line):
-            if current is None or current["function"] != m.group(1):
-                current = {"function": m.group(1), "arch": m.group(2) or default_arch}
-                rows.append(current)
+        if m := re.search(r"Compiling entry function '([^']+)' for '(sm_\d+)a?'", line):
+            current = {"function": m.group(1), "arch": m.group(2)}
+            rows.append(current)
         elif current is not None and (m := re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores", line)):
             current.update(stack_bytes=int(m.group(1)), spill_bytes=int(m.group(2)))
         elif current is not None and (m := re.search(r"Used (\d+) registers", line)):

@@ -395,3 +395,16 @@ def test_concat_arguments_are_checked():
         concat([hidden[0], hidden[1][:6]], 3)
     with pytest.raises(TypeError, match="detach_clean must be a bool"):
         concat(hidden, 3, detach_clean=1)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_split_penalty_writes_only_the_gradients_required(backend):
+    """Noisy halves detached: only the clean side is written (and reaches the layers), as the reference's."""
+    hidden, mask = _concat_case(n_rows=6)
+    reg = lf.layerwise_stability([h[:3] for h in hidden], [h[3:].detach() for h in hidden], mask, [1.0, 2.0],
+                                 backend=backend)
+    grads = torch.autograd.grad(reg, hidden)
+    _, ref_grads = _concat_reference(hidden, 3, mask, [1.0, 2.0], "sum", 1.0, False)
+    for g, r in zip(grads, ref_grads):
+        _assert_close_to_reference(g[:3], r[:3], torch.float32, "clean side")
+        assert (g[3:] == 0).all()

@@ -30,8 +30,13 @@ def test_every_triton_configuration_compiles_for_sm80_and_sm90_without_spills(tm
     kernels = {"gaussian_noise_kernel", "in_manifold_noise_kernel", "stability_forward_kernel",
                "stability_backward_kernel"}
     assert found == {(k, a) for k in kernels for a in ("sm_80", "sm_90")}
-    assert {r["config"] for r in rows if r["kernel"] == "in_manifold_noise_kernel"} == {
-        "BLOCK_K=16 BLOCK_D=64 warps=4", "BLOCK_K=32 BLOCK_D=64 warps=4"}
+    configs = {(r["kernel"], r["config"]) for r in rows}
+    assert configs == {("in_manifold_noise_kernel", "BLOCK_K=16 BLOCK_D=64 warps=4"),
+                       ("in_manifold_noise_kernel", "BLOCK_K=32 BLOCK_D=64 warps=4"),
+                       ("gaussian_noise_kernel", "BLOCK_D=64 ROWS=16 warps=4"),
+                       ("gaussian_noise_kernel", "BLOCK_D=256 ROWS=4 warps=4")} | {
+        (k, c) for k in ("stability_forward_kernel", "stability_backward_kernel")
+        for c in ("BLOCK_D=64 ROWS=64 G=16 VEC=4 warps=4", "BLOCK_D=256 ROWS=16 G=16 VEC=4 warps=4")}
     for r in rows:
         assert r["spill_bytes"] == "0" and int(r["registers"]) <= 255 and int(r["instructions"]) > 0, r
 

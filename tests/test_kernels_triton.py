@@ -315,3 +315,19 @@ def test_sizes_beyond_the_limits_raise():
     with pytest.raises(ValueError, match="z and fallback_z"):
         in_manifold_noise(x, torch.zeros(2, dtype=torch.long, device=DEVICE), table[:, :2], x, RATIO, TOL, 0,
                           z=torch.zeros(2, 2, device=DEVICE))
+
+
+def test_stability_launches_build_no_host_tensor(monkeypatch):
+    """The layers' addresses, widths and weights travel as kernel arguments: no table is built on the host
+    and copied to the device at each call (which a CUDA graph could not capture either)."""
+    clean, noisy, real = _hidden_states((384, 1000), torch.float32, seed=2)
+    grad = torch.tensor(1.0, device=DEVICE)
+    grads = [[torch.empty_like(h) for h in side] for side in (clean, noisy)]
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a tensor was built from host data during a launch")
+
+    for name in ("tensor", "as_tensor", "from_numpy"):
+        monkeypatch.setattr(torch, name, refuse)
+    stability_forward(clean, noisy, real, [1.0, 2.0], "sum")
+    stability_backward(grad, clean, noisy, real, [1.0, 2.0], "sum", *grads)

@@ -1,5 +1,5 @@
 """Compute backends of the LNSR step (DESIGN.md §1): `torch` (plain PyTorch, kernels/reference.py, the
-oracle of every other backend), `triton` (kernels/triton/) and `cuda` (csrc/, loaded by kernels/cuda.py).
+oracle of every other backend), `triton` (kernels/triton/) and `cuda` (lnsr_fast/csrc/, loaded by kernels/cuda.py).
 
 The ops are registered with torch.library in kernels/ops.py; this module says which ops each backend
 implements and up to which sizes, which backends a device offers, and which one `backend="auto"` takes.
@@ -109,7 +109,8 @@ def resolve_backend(backend: str, device, dtype: torch.dtype | None = None, op: 
     if backend == "auto":
         if device.type != "cuda":  # the Triton interpreter is a test vehicle, not a CPU backend
             return "torch"
-        return next(b for b in available_backends(device, op) if not any(_beyond_limits(o, b, sizes) for o in ops))
+        # Lazily, in order: a backend after the one taken is never loaded (nor compiled, for `cuda`).
+        return next(b for b in AUTO_ORDER[ops[0]] if not any(_beyond_limits(o, b, sizes) for o in ops) and _runs_on(b, device))
     for o in ops:
         why = _beyond_limits(o, backend, sizes)
         if why:

@@ -55,32 +55,35 @@ def _in_manifold_noise_kernel(x_ptr, ids_ptr, table_ptr, w_ptr, real_ptr, z_ptr,
     # Cholesky G = RᵀR, row by row: R_jj is the norm of d_j's residual after projecting out the kept
     # directions before it, as in the reference's modified Gram–Schmidt; a residual at or below
     # rank_tol·‖d_j‖ (or NaN) drops direction j (row j of R stays 0), as there. Only the k real rows.
+    # (Entries picked by where + sum, inline: a helper's call costs the Triton interpreter milliseconds.)
     row_ids = js[:, None]
     norm0 = tl.sqrt(tl.sum(tl.where(row_ids == js[None, :], gram, 0.0), axis=0))  # ‖d_j‖
     factor = tl.zeros([BLOCK_K, BLOCK_K], dtype=tl.float64)
+    inv_diag = tl.zeros([BLOCK_K], dtype=tl.float64)  # 1 / R_jj, 0 where direction j was dropped
     for j in range(k):
         row = tl.sum(tl.where(row_ids == j, gram, 0.0), axis=0)  # the trailing matrix's row j
-        # (Entries picked with where + sum, inline: a helper call costs the interpreter milliseconds.)
         residual = tl.sqrt(tl.maximum(tl.sum(tl.where(js == j, row, 0.0)), 0.0))  # rounding may leave it < 0
         keep = residual > rank_tol * tl.sum(tl.where(js == j, norm0, 0.0))
-        r_row = tl.where(js >= j, tl.where(keep, row / tl.where(keep, residual, 1.0), 0.0), 0.0)
+        inv = tl.where(keep, 1.0 / tl.where(keep, residual, 1.0), 0.0)
+        r_row = tl.where(js >= j, row * inv, 0.0)
         factor = tl.where(row_ids == j, r_row[None, :], factor)
+        inv_diag = tl.where(js == j, inv, inv_diag)
         gram -= r_row[:, None] * r_row[None, :]
 
-    # c = R⁻¹z over the kept directions (back substitution; c_j = 0 where direction j was dropped), so
-    # that Dᵀc = Σ_j z_j q_j. The q_j are orthonormal: ‖ε_t‖ = ‖z‖ over the kept j, known before ε.
+    # c = R⁻¹z over the kept directions, so that Dᵀc = Σ_j z_j q_j: back substitution by columns (c_j is
+    # final once the columns after it are subtracted; 0 where direction j was dropped). The q_j are
+    # orthonormal: ‖ε_t‖ = ‖z‖ over the kept j, known before ε is written.
     if z_ptr is None:
         z = tl.where(js < k, tl.randn(seed, t * k + js), 0.0).to(tl.float64)
     else:
         z = tl.load(z_ptr + t * k + js, mask=js < k, other=0.0).to(tl.float64)
-    coef = tl.zeros([BLOCK_K], dtype=tl.float64)
+    coef = z
     for step in range(k):
         j = k - 1 - step
-        r_row = tl.sum(tl.where(row_ids == j, factor, 0.0), axis=0)
-        r_jj = tl.sum(tl.where(js == j, r_row, 0.0))
-        c_j = (tl.sum(tl.where(js == j, z, 0.0)) - tl.sum(tl.where(js > j, r_row * coef, 0.0))) / tl.where(r_jj > 0, r_jj, 1.0)
-        coef = tl.where(js == j, tl.where(r_jj > 0, c_j, 0.0), coef)
-    kept = tl.sum(tl.where(row_ids == js[None, :], factor, 0.0), axis=0) > 0
+        c_j = tl.sum(tl.where(js == j, coef * inv_diag, 0.0))
+        column = tl.sum(tl.where(js[None, :] == j, factor, 0.0), axis=1)  # R_ij over the rows i
+        coef = tl.where(js == j, c_j, tl.where(js < j, coef - column * c_j, coef))
+    kept = inv_diag > 0
     z_norm = tl.sqrt(tl.sum(tl.where(kept, z * z, 0.0)))
     fell = (tl.sum(kept.to(tl.int32)) == 0) & is_real
     if fell:  # the differences span nothing: full-width Gaussian noise instead, its norm first

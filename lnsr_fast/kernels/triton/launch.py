@@ -19,8 +19,10 @@ class Launch(NamedTuple):
 # waste no lane. The stability kernels stream 16 rows (32 fp32 values of each tensor per thread in flight,
 # enough for full bandwidth); Gaussian noise 4, as it computes each draw twice (once for ‖z_t‖, once
 # to write it) and its Philox code per value is long.
+# Rows of at most 64 values (small test models) take 4 times the rows in steps of 64 columns.
 ROW_TILE = Launch(block_k=1, block_d=256, rows=16, num_warps=4)
 NOISE_TILE = Launch(block_k=1, block_d=256, rows=4, num_warps=4)
+NARROW = 64
 
 
 def _check(width: int, width_name: str, k: int | None = None) -> None:
@@ -34,7 +36,10 @@ def row_tile_config(width: int, width_name: str = "d", noise: bool = False) -> L
     """The tile of the row-wise kernels (of Gaussian noise with `noise`); ValueError when width is outside
     [1, MAX_WIDTH]."""
     _check(width, width_name)
-    return NOISE_TILE if noise else ROW_TILE
+    tile = NOISE_TILE if noise else ROW_TILE
+    if width <= NARROW:
+        tile = tile._replace(block_d=NARROW, rows=tile.rows * tile.block_d // NARROW)
+    return tile
 
 
 def in_manifold_config(width: int, k: int, width_name: str = "d") -> Launch:

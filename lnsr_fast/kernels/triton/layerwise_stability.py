@@ -41,12 +41,12 @@ def _rows(real_ptr, first, n_rows, ROWS: tl.constexpr):
 
 @triton.jit
 def _stability_forward_kernel(clean, noisy, widths, coefs, real_ptr, partial_ptr, n_tokens,
-                              G: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr, ALIGNED: tl.constexpr):
+                              G: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr, VEC: tl.constexpr):
     layer = tl.program_id(1)
     h_ptr, hn_ptr = _pick(clean, layer, G), _pick(noisy, layer, G)
     d, coef = _pick(widths, layer, G), _pick(coefs, layer, G)
-    if ALIGNED:  # every row starts 16-byte aligned: vector loads
-        d = tl.multiple_of(d, 16)
+    if VEC > 1:  # every row starts 16-byte aligned (d a multiple of VEC elements): vector accesses
+        d = tl.multiple_of(d, VEC)
     rows, _, live = _rows(real_ptr, tl.program_id(0).to(tl.int64) * ROWS, n_tokens, ROWS)
     acc = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
     for start in range(0, d, BLOCK_D):
@@ -63,15 +63,15 @@ def _stability_forward_kernel(clean, noisy, widths, coefs, real_ptr, partial_ptr
 @triton.jit(do_not_specialize=["clean_mode", "noisy_grad", "n_pair_programs"])
 def _stability_backward_kernel(clean, noisy, grad_clean, grad_noisy, widths, coefs, real_ptr, grad_ptr, n_real_ptr,
                                n_real, n_tokens, n_clean_rows, n_pair_programs, clean_mode, noisy_grad,
-                               G: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr, ALIGNED: tl.constexpr):
+                               G: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr, VEC: tl.constexpr):
     """Programs [0, n_pair_programs) write the gradients of ROWS paired tokens each; the others write
     zeros into grad_clean's rows [n_tokens, n_clean_rows) (the rows of a concat-mode tensor between its
     clean and its noisy block)."""
     layer = tl.program_id(1)
     pid = tl.program_id(0)
     gc_ptr, d = _pick(grad_clean, layer, G), _pick(widths, layer, G)
-    if ALIGNED:
-        d = tl.multiple_of(d, 16)
+    if VEC > 1:
+        d = tl.multiple_of(d, VEC)
     if pid >= n_pair_programs:
         rows = n_tokens + (pid - n_pair_programs).to(tl.int64) * ROWS + tl.arange(0, ROWS).to(tl.int64)
         for start in range(0, d, BLOCK_D):
@@ -126,10 +126,11 @@ def _prepare(clean: Sequence[torch.Tensor], noisy: Sequence[torch.Tensor], real,
     return clean, noisy, real, widths, coefs, cfg
 
 
-def _aligned(widths, *columns: Sequence[torch.Tensor]) -> bool:
+def _vector(widths, *columns: Sequence[torch.Tensor]) -> int:
+    """The elements of 16 bytes when every row of every tensor starts 16-byte aligned, else 1."""
     size = columns[0][0].element_size()
-    return (all(d * size % 16 == 0 for d in widths)
-            and all(t.data_ptr() % 16 == 0 for col in columns for t in col))
+    aligned = all(d * size % 16 == 0 for d in widths) and all(t.data_ptr() % 16 == 0 for col in columns for t in col)
+    return 16 // size if aligned else 1
 
 
 def n_real(real: torch.Tensor | None, n_tokens: int):
@@ -150,12 +151,12 @@ def stability_forward(clean: Sequence[torch.Tensor], noisy: Sequence[torch.Tenso
     n_tokens = clean[0].numel() // widths[0]
     programs = triton.cdiv(n_tokens, cfg.rows)
     partials = torch.empty(len(clean), programs, dtype=torch.float32, device=clean[0].device)
-    aligned = _aligned(widths, clean, noisy)
+    vec = _vector(widths, clean, noisy)
     for start, stop in _groups(len(clean)) if programs else []:
         _stability_forward_kernel[(programs, stop - start)](
             _padded(clean, start, stop), _padded(noisy, start, stop), _padded(widths, start, stop),
             _padded(coefs, start, stop), real, partials[start:stop], n_tokens,
-            G=GROUP, ROWS=cfg.rows, BLOCK_D=cfg.block_d, ALIGNED=aligned, num_warps=cfg.num_warps)
+            G=GROUP, ROWS=cfg.rows, BLOCK_D=cfg.block_d, VEC=vec, num_warps=cfg.num_warps)
     return partials.sum() / n_real(real, n_tokens)
 
 
@@ -183,11 +184,11 @@ def stability_backward(grad: torch.Tensor, clean: Sequence[torch.Tensor], noisy:
     grads_clean, grads_noisy = grads_clean or grads_noisy, grads_noisy or grads_clean
     count = n_real(real, n_tokens)
     counted = isinstance(count, torch.Tensor)
-    aligned = _aligned(widths, clean, noisy, grads_clean, grads_noisy)
+    vec = _vector(widths, clean, noisy, grads_clean, grads_noisy)
     for start, stop in _groups(len(clean)):
         _stability_backward_kernel[(programs, stop - start)](
             _padded(clean, start, stop), _padded(noisy, start, stop), _padded(grads_clean, start, stop),
             _padded(grads_noisy, start, stop), _padded(widths, start, stop), _padded(coefs, start, stop), real,
             grad, count if counted else None, 1.0 if counted else float(count), n_tokens, n_clean_rows,
             pair_programs, clean_mode, int(noisy_grad),
-            G=GROUP, ROWS=cfg.rows, BLOCK_D=cfg.block_d, ALIGNED=aligned, num_warps=cfg.num_warps)
+            G=GROUP, ROWS=cfg.rows, BLOCK_D=cfg.block_d, VEC=vec, num_warps=cfg.num_warps)
