@@ -1,5 +1,8 @@
-"""Cost of one whole training step (DESIGN.md §1) for every method of lnsr_fast.methods, as time per
-optimizer step ÷ plain fine-tuning (FT) measured in the same run, and peak memory.
+"""Cost of one whole training step (docs/design.md §1) for every method of lnsr_fast.methods, applied with
+`lnsr_fast.apply`, as time per optimizer step ÷ plain fine-tuning (FT) measured in the same run, and peak memory;
+and what the method adds outside the model's own work: the kernels it launches and the host syncs it makes per
+step, counted as the operators dispatched beyond those of FT on the batch the method runs (2B rows for a doubled
+pass; views excluded), and the scalar reads (`_local_scalar_dense`) beyond FT's.
 
 BERT-base and BERT-large shapes with random weights (no downloads), sequence classification, AdamW,
 bf16 autocast on a GPU, T = 128, B in {16, 32, 64, 128}; LNSR and in-manifold LNSR in both modes
@@ -17,6 +20,7 @@ import argparse
 import gc
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from common import RESULTS, measure, write_results
 from render import SPECS, label, render
@@ -50,31 +54,62 @@ def make_batch(config, batch: int, seq: int, device: torch.device) -> dict:
 
 
 def make_step(config, case: dict, batch: dict, device: torch.device, amp: bool):
-    """(step, method): a fresh model wrapped by the case's method, and one optimizer step on `batch`."""
+    """(step, handle): a fresh model with the case's method applied, and one optimizer step on `batch`."""
     from transformers import BertForSequenceClassification
 
-    from lnsr_fast.methods import build
+    import lnsr_fast
+    from lnsr_fast.methods import config as method_config
 
     torch.manual_seed(0)
     with torch.device(device):
         model = BertForSequenceClassification(config).to(device).train()
     hparams = {k: case[k] for k in ("mode", "dropout") if case[k]}
-    method = build(case["method"], model, **hparams)
-    # After build: a method may replace parameters (Mixout).
+    handle = lnsr_fast.apply(model, method_config(case["method"], **hparams))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
 
     def backward(loss):
-        with torch.autocast(device.type, enabled=False):  # autocast covers the forward only
+        with torch.autocast(device.type, enabled=False):   # autocast covers the forward only
             loss.backward()
 
     def step():
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            method.training_step(model, batch, backward)
-        method.before_optimizer_step(model)
+            handle.training_step(batch, backward)
+        handle.before_optimizer_step()
         optimizer.step()
 
-    return step, method
+    return step, handle
+
+
+class _Dispatches(TorchDispatchMode):
+    """Counts the operators a block dispatches (views and other aliases of their inputs left out: they launch
+    nothing) and the scalar reads among them (host syncs on a GPU)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = self.syncs = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        returns = func._schema.returns
+        self.ops += not (returns and all(r.alias_info is not None and not r.alias_info.is_write for r in returns))
+        self.syncs += func is torch.ops.aten._local_scalar_dense.default
+        return func(*args, **(kwargs or {}))
+
+
+def added_work(config, case: dict, batch: dict, device: torch.device, amp: bool) -> tuple[int, int]:
+    """(operators, host syncs) of one step of the case beyond those of one FT step on the rows the case's model
+    runs: the doubled batch of a one-pass method, the batch itself otherwise."""
+    doubled = case["method"] in LNSR_METHODS + ("r3f",) and case["mode"] != "two_pass"
+    plain = {k: torch.cat([v, v]) for k, v in batch.items()} if doubled else batch
+    counts = []
+    for c, b in ((case, batch), ({"method": "ft", "mode": "", "dropout": ""}, plain)):
+        step, handle = make_step(config, c, b, device, amp)
+        step()   # the first step may set things up
+        with _Dispatches() as dispatches:
+            step()
+        handle.remove()
+        counts.append((dispatches.ops, dispatches.syncs))
+    return counts[0][0] - counts[1][0], counts[0][1] - counts[1][1]
 
 
 def measure_case(config, case: dict, batch: dict, device: torch.device, amp: bool, warmup: int, reps: int) -> dict:
@@ -83,17 +118,20 @@ def measure_case(config, case: dict, batch: dict, device: torch.device, amp: boo
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-    method = None
+    handle = None
     try:
-        step, method = make_step(config, case, batch, device, amp)
+        step, handle = make_step(config, case, batch, device, amp)
         median, p20, p80 = measure(step, device, warmup=warmup, reps=reps)
         peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else ""
-        return {"median_ms": median, "p20_ms": p20, "p80_ms": p80, "peak_gib": peak, "note": ""}
+        handle.remove()
+        ops, syncs = added_work(config, case, batch, device, amp)
+        return {"median_ms": median, "p20_ms": p20, "p80_ms": p80, "peak_gib": peak, "added_ops": ops,
+                "added_syncs": syncs, "note": ""}
     except torch.cuda.OutOfMemoryError:
         return {"median_ms": "", "p20_ms": "", "p80_ms": "", "peak_gib": "", "note": "out of memory"}
     finally:
-        if method is not None:
-            method.remove()
+        if handle is not None:
+            handle.remove()
 
 
 def main(argv=None) -> None:
@@ -145,6 +183,7 @@ def main(argv=None) -> None:
                 summary = result["note"] or f"{result['median_ms']:.4g} ms [{result['p20_ms']:.4g}–{result['p80_ms']:.4g}]"
                 summary += f", {ratio:.2f}x FT" if ratio else ""
                 summary += f", peak {result['peak_gib']:.2f} GiB" if result["peak_gib"] != "" else ""
+                summary += f", +{result['added_ops']} ops, +{result['added_syncs']} syncs" if "added_ops" in result else ""
                 print(f"[{done}/{total}] {size} B={b} {label(case, SPECS['step']['rows'])}: {summary}", flush=True)
     print(render(path).read_text())
 

@@ -18,15 +18,10 @@ import torch
 from torch import nn
 
 from .checks import check_int, is_int
-from .lnsr import position_ids_from_input_ids
+from .lnsr import num_layers, transformer_layers
 from .noise import InManifoldNoise
 
 Profile = Mapping[int, float]   # hidden-state index -> mean relative deviation
-
-
-def _model_inputs(batch: Mapping) -> dict:
-    """The batch entries a forward pass takes (labels and input_ids are handled by the caller)."""
-    return {k: v for k, v in batch.items() if k not in ("labels", "input_ids", "inputs_embeds")}
 
 
 def _draw(noise, input_ids, x, mask) -> torch.Tensor:
@@ -36,27 +31,17 @@ def _draw(noise, input_ids, x, mask) -> torch.Tensor:
     return eps.to(x.dtype)
 
 
-def _transformer_layers(model: nn.Module) -> nn.ModuleList:
-    """The model's own stack of transformer layers: the nn.ModuleList with config.num_hidden_layers entries."""
-    n = getattr(getattr(model, "config", None), "num_hidden_layers", None)
-    found = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) == n]
-    if len(found) > 1:   # e.g. a per-layer list of norms beside the layers: keep the usual names
-        found = [(name, m) for name, m in found if name.rsplit(".", 1)[-1] in ("layer", "layers", "h", "block", "blocks")]
-    if not is_int(n) or len(found) != 1:
-        raise TypeError(f"cannot find the transformer layers of {type(model).__name__}: expected one nn.ModuleList "
-                        f"of config.num_hidden_layers={n!r} modules, found {[name for name, _ in found]}")
-    return found[0][1]
-
-
 @torch.no_grad()
 def noise_propagation(model: nn.Module, noise, batches: Iterable[Mapping[str, torch.Tensor]],
                       layers: Sequence[int] | None = None, inject_at: int = 0) -> dict[int, float]:
     """Mean relative deviation ‖h̃_r − h_r‖ / ‖h_r‖ of every hidden state r under noise added at hidden state `inject_at`.
 
-    model: a Hugging Face model that accepts `inputs_embeds` and `output_hidden_states`.
+    model: a Hugging Face model that returns `hidden_states`.
     noise: a sampler called as `noise(input_ids, inputs_embeds, attention_mask)` -> ε (GaussianNoise,
     InManifoldNoise, or any callable with that signature). It is drawn once per batch and added to the
-    word-embedding output x, exactly where the LNSR step adds it: the clean pass sees x, the noisy x + ε.
+    word-embedding output x (through a forward hook on the model's input embedding, removed afterwards),
+    exactly where the LNSR step adds it: the clean pass sees x, the noisy x + ε; the model embeds input_ids
+    itself in both.
     batches: dicts with `input_ids` and optionally `attention_mask`, `token_type_ids`, ... (labels are
     ignored); tensors are moved to the model's device.
     layers: indices into `hidden_states` (0 = embedding output, L = last layer); default inject_at..L.
@@ -86,18 +71,20 @@ def noise_propagation(model: nn.Module, noise, batches: Iterable[Mapping[str, to
             raise ValueError(f"layers must be None or a non-empty sequence of ints, got {layers!r}")
     if not is_int(inject_at) or inject_at < 0:
         raise ValueError(f"inject_at must be an int in [0, L] (0 = embedding output), got {inject_at!r}")
-    target = None
+    target = model.get_input_embeddings()
     if inject_at > 0:
         if isinstance(noise, InManifoldNoise):
             raise ValueError(f"inject_at={inject_at}: InManifoldNoise only applies at the embeddings (inject_at=0), "
                              "its neighbours are vocabulary embeddings; use GaussianNoise for hidden states")
-        stack = _transformer_layers(model)
+        stack, n = transformer_layers(model), num_layers(model)
+        if len(stack) != n:
+            raise ValueError(f"inject_at={inject_at}: {type(model).__name__} has {len(stack)} transformer layer module(s) "
+                             f"for its config's {n} layers (shared layers?), so no module's output is hidden state "
+                             f"{inject_at} alone")
         if inject_at > len(stack):
             raise ValueError(f"inject_at must be in [0, {len(stack)}] (the model has {len(stack)} layers), got {inject_at}")
         target = stack[inject_at - 1]
     device = next(model.parameters()).device
-    embed = model.get_input_embeddings()
-    position_ids = position_ids_from_input_ids(model)
     pending: dict = {}   # "batch": the noisy pass's (input_ids, mask), consumed by the hook; absent in the clean pass
 
     def inject(module, args, output):
@@ -110,7 +97,7 @@ def noise_propagation(model: nn.Module, noise, batches: Iterable[Mapping[str, to
 
     # prepend: Transformers 5.x records hidden_states with its own forward hooks on these layers, installed
     # lazily at the first call; running first makes hidden_states[b] the noisy state whatever the order.
-    handle = None if target is None else target.register_forward_hook(inject, prepend=True)
+    handle = target.register_forward_hook(inject, prepend=True)
     was_training = model.training
     model.eval()
     totals: torch.Tensor | None = None
@@ -123,21 +110,14 @@ def noise_propagation(model: nn.Module, noise, batches: Iterable[Mapping[str, to
             input_ids = batch["input_ids"]
             mask = batch.get("attention_mask")
             real = torch.ones(input_ids.shape, dtype=torch.bool, device=device) if mask is None else mask != 0
-            x = embed(input_ids)
-            extra = _model_inputs(batch)
-            if position_ids is not None and extra.get("position_ids") is None:
-                extra["position_ids"] = position_ids(input_ids)  # what the model would use given input_ids
-            clean = model(inputs_embeds=x, output_hidden_states=True, return_dict=True, **extra).hidden_states
-            if target is None:
-                x_noisy = x + _draw(noise, input_ids, x, mask)
-            else:
-                x_noisy = x
-                pending.clear()
-                pending["batch"] = (input_ids, mask)
-            noisy = model(inputs_embeds=x_noisy, output_hidden_states=True, return_dict=True, **extra).hidden_states
+            inputs = {k: v for k, v in batch.items() if k != "labels"}
+            clean = model(**inputs, output_hidden_states=True, return_dict=True).hidden_states
+            pending.clear()
+            pending["batch"] = (input_ids, mask)
+            noisy = model(**inputs, output_hidden_states=True, return_dict=True).hidden_states
             if clean is None:
                 raise TypeError(f"{type(model).__name__} returned no hidden_states")
-            if target is not None and not ("injected" in pending and torch.equal(noisy[inject_at], pending["injected"])):
+            if inject_at > 0 and not ("injected" in pending and torch.equal(noisy[inject_at], pending["injected"])):
                 raise RuntimeError(f"{type(model).__name__}'s hidden_states[{inject_at}] is not the output of its layer "
                                    f"{inject_at} that the noise was added to: inject_at={inject_at} is not supported for it")
             chosen = list(range(inject_at, len(clean))) if layers is None else layers
@@ -157,8 +137,7 @@ def noise_propagation(model: nn.Module, noise, batches: Iterable[Mapping[str, to
             totals = sums if totals is None else totals + sums
             n_tokens += int(real.sum())
     finally:
-        if handle is not None:
-            handle.remove()
+        handle.remove()
         model.train(was_training)
     if totals is None or n_tokens == 0:
         raise ValueError("batches held no real token: nothing to measure")

@@ -87,6 +87,7 @@ def train_one(model, tokenizer, train: TextData, method: str, hparams: dict, see
     steps, then linear decay; weight decay 0.01) and method `method` with `hparams`; returns timing and the
     last logged losses."""
     from transformers import DataCollatorWithPadding, PrinterCallback, TrainingArguments
+    from .regularize import remove
     from .trainer import LNSRTrainer
 
     n_steps = steps_per_run(len(train), batch_size, epochs)
@@ -104,7 +105,7 @@ def train_one(model, tokenizer, train: TextData, method: str, hparams: dict, see
                               method=method, method_args=hparams)
         trainer.remove_callback(PrinterCallback)   # the bar and the table are the output
         result = trainer.train()
-        trainer.method.remove()   # the fine-tuned model goes on as a plain model (Mixout's layers restored)
+        remove(model)   # the fine-tuned model goes on as a plain model (Mixout's layers restored)
     logs = [h for h in trainer.state.log_history if "loss" in h]
     last = logs[-1] if logs else {}
     times = timer.times[1:] if len(timer.times) > 1 else timer.times   # the first step warms up

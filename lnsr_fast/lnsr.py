@@ -1,224 +1,285 @@
-"""LNSR on a Hugging Face model: the clean and the noisy pass, the task loss and the penalty (DESIGN.md §1).
+"""LNSR itself: `LNSRConfig` (every setting and default, validated) and the `LNSR` method that `apply` runs inside
+the model's forward (docs/design.md §1–§2).
 
-In `concat` mode (default) both passes run as one batch of 2B rows: one forward, one backward. In
-`two_pass` mode the model runs twice; that mode also serves models whose randomness cannot be paired
-or whose head loss `heads.py` does not know.
+Source: Hua, Li, Dou, Xu and Luo, "Improving Pre-trained Language Model Fine-tuning with Noise Stability
+Regularization" (IEEE TNNLS 2023, arXiv:2206.05658), standard and in-manifold noise. One concat-mode step: the
+batch doubled into [clean | noisy], ε added to the noisy rows' word embeddings by the embedding hook, one pass
+with the dropout masks paired across the halves, the task loss of the clean half computed by the model (the
+noisy half carries the ignored label), and the penalty Σ_r λ_r D(h_r[:B], h_r[B:]) over the chosen layers.
 """
 from __future__ import annotations
 
-import contextlib
-import inspect
-import warnings
+import math
+from dataclasses import dataclass, field
 
-import torch
 from torch import nn
 
-from .checks import check_choice, is_int
 from . import heads
-from .dropout import UnpairableRandomness, paired_dropout, rng_state, set_rng_state
+from .checks import check_choice, is_int, is_real
 from .kernels import BACKENDS
-from .noise import check_token_ids
-from .stability import REDUCTIONS, layerwise_stability, resolve_weights
+from .neighbors import KNN_BACKENDS
+from .noise import GaussianNoise, InManifoldNoise
+from .regularize import Call, Method, MethodConfig, Recorder, word_embeddings
+from .stability import REDUCTIONS, layerwise_stability, layerwise_stability_concat, resolve_weights
 
+NOISE_KINDS = ("gaussian", "in_manifold")
 MODES = ("concat", "two_pass")
 DROPOUT_MODES = ("shared", "independent")
-
+STACKS = ("encoder", "decoder")
+# ‖ε_t‖/‖x_t‖ per token: standard LNSR 0.05, in-manifold 0.1 (docs/design.md §2).
+DEFAULT_RATIOS = {"gaussian": 0.05, "in_manifold": 0.1}
 # λ per layer with reduction "sum", chosen on validation data in docs/reproduction/ (MiniLM, tweets and BBC
 # News): 0.02 in three of four grids; there λ = 0.1 at ratio 0.1 already cut train accuracy by 20–30 points.
 DEFAULT_WEIGHT = 0.02
 
 
-def _forward_parameters(model) -> dict:
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return inspect.signature(base.forward).parameters
+def _help(text: str, default=None, factory=None):
+    return field(default_factory=factory, metadata={"help": text}) if factory else field(default=default,
+                                                                                           metadata={"help": text})
 
 
-def position_ids_from_input_ids(model):
-    """The model's own rule for position ids from input_ids, where its embeddings have one; else None.
+@dataclass
+class NoiseConfig(MethodConfig):
+    """The noise ε added to the word embeddings (docs/design.md §2); LNSR's and the noise-only ablations'."""
 
-    RoBERTa-style embeddings (RoBERTa, XLM-R, CamemBERT, ...) number real tokens from padding_idx + 1 and
-    give padding padding_idx when they see input_ids, but count every position when they see
-    inputs_embeds; LNSR passes inputs_embeds, so it passes the positions the model would have used.
+    noise: object = _help("'gaussian' (standard LNSR), 'in_manifold' (in the span of the k nearest vocabulary "
+                          "embeddings), or a sampler instance called as noise(input_ids, x, attention_mask)",
+                          "in_manifold")
+    ratio: float | None = _help("‖ε_t‖ / ‖x_t‖ per token; None: 0.05 for gaussian, 0.1 for in_manifold")
+    k: int = _help("neighbours per token (in_manifold)", 10)
+    seed: int | None = _help("noise seed; None: TrainingArguments.seed under LNSRTrainer, else 0")
+    refresh_every: int | None = _help("in_manifold: rebuild the neighbour table every so many optimizer steps "
+                                      "(None: never; embeddings move little at fine-tuning learning rates)")
+    knn_backend: str = _help("neighbour search: 'auto', 'torch' or 'faiss'", "auto")
+    backend: str = _help("kernels: 'auto', 'cuda', 'triton' or 'torch'", "auto")
+
+    def __post_init__(self):
+        name = type(self).__name__
+        if isinstance(self.noise, type):
+            raise TypeError(f"{name}.noise must be 'gaussian', 'in_manifold' or a sampler instance, got the class "
+                            f"{self.noise.__name__}; create one, e.g. {self.noise.__name__}(...)")
+        if isinstance(self.noise, str):
+            check_choice(f"{name}.noise", self.noise, NOISE_KINDS)
+        elif not callable(self.noise):
+            raise TypeError(f"{name}.noise must be 'gaussian', 'in_manifold' or a sampler instance, got "
+                            f"{type(self.noise).__name__}")
+        check_choice(f"{name}.knn_backend", self.knn_backend, KNN_BACKENDS)
+        check_choice(f"{name}.backend", self.backend, BACKENDS)
+        if self.ratio is not None:
+            if not is_real(self.ratio):
+                raise TypeError(f"{name}.ratio must be a float or None, got {type(self.ratio).__name__}")
+            if not math.isfinite(self.ratio) or self.ratio <= 0:
+                raise ValueError(f"{name}.ratio must be finite and > 0, got {self.ratio}")
+        if not is_int(self.k):
+            raise TypeError(f"{name}.k must be an int, got {type(self.k).__name__}")
+        if self.k < 1:
+            raise ValueError(f"{name}.k must be >= 1, got {self.k}")
+        if self.seed is not None and not is_int(self.seed):
+            raise TypeError(f"{name}.seed must be an int or None, got {type(self.seed).__name__}")
+        if self.refresh_every is not None:
+            if not is_int(self.refresh_every):
+                raise TypeError(f"{name}.refresh_every must be an int or None, got {type(self.refresh_every).__name__}")
+            if self.refresh_every < 1:
+                raise ValueError(f"{name}.refresh_every must be >= 1 optimizer steps, got {self.refresh_every}")
+            if self.noise != "in_manifold":
+                raise ValueError(f"{name}.refresh_every applies to in_manifold noise only, got noise={self.noise!r}")
+
+    @property
+    def noise_ratio(self) -> float | None:
+        """The ratio in use: `ratio`, or the default for the noise kind (None for a sampler instance)."""
+        if self.ratio is not None:
+            return float(self.ratio)
+        return DEFAULT_RATIOS.get(self.noise) if isinstance(self.noise, str) else None
+
+    def accumulate(self, noise, steps: int) -> None:
+        """`refresh_every` counts optimizer steps, the sampler its calls: one per micro-batch of `steps`."""
+        if self.refresh_every is not None and isinstance(noise, InManifoldNoise):
+            noise.refresh_every = self.refresh_every * steps
+
+    def make_noise(self, model: nn.Module):
+        """The noise sampler: the given instance, or GaussianNoise / InManifoldNoise over `model`'s word embeddings."""
+        if not isinstance(self.noise, str):
+            return self.noise
+        seed = 0 if self.seed is None else self.seed
+        if self.noise == "gaussian":
+            return GaussianNoise(ratio=self.noise_ratio, seed=seed, backend=self.backend)
+        return InManifoldNoise(word_embeddings(model), k=self.k, ratio=self.noise_ratio, seed=seed,
+                               refresh_every=self.refresh_every, knn_backend=self.knn_backend, backend=self.backend)
+
+
+@dataclass
+class LNSRConfig(NoiseConfig):
+    """How LNSR regularises (docs/design.md §2); `lnsr_fast.apply(model, LNSRConfig(...))` puts it in the model.
+
+    >>> LNSRConfig(noise="gaussian", weight=0.5)
+    >>> LNSRConfig(noise="in_manifold", k=10, ratio=0.1, layers=[4, 5, 6])
     """
-    for module in model.modules():
-        make = getattr(module, "create_position_ids_from_input_ids", None)
-        padding_idx = getattr(module, "padding_idx", None)
-        if callable(make) and isinstance(padding_idx, int):
-            return lambda input_ids: make(input_ids, padding_idx)
+
+    weight: float | list = _help("λ for every chosen layer (0.02, chosen on validation in docs/reproduction), or one "
+                                 "λ per layer", DEFAULT_WEIGHT)
+    layers: int | list | None = _help("indices into the hidden states (0 = embedding output, negative from the end); "
+                                      "None: every transformer layer, 1..L")
+    reduction: str = _help("'sum': per layer, the mean over real tokens of ‖h_t − h̃_t‖²; 'mean': also / d", "sum")
+    mode: str = _help("'concat': clean and noisy copy in one pass of 2B rows; 'two_pass': two passes", "concat")
+    dropout: str = _help("'shared': both copies get the same dropout masks, so the penalty measures the noise; "
+                         "'independent': their own masks (a consistency term as in R-Drop)", "shared")
+    stack: str | None = _help("encoder–decoder models: the 'encoder' (default) or 'decoder' hidden states")
+    detach_clean: bool = _help("no penalty gradient through the clean copy", False)
+
+    def __post_init__(self):
+        super().__post_init__()
+        for name, allowed in (("reduction", REDUCTIONS), ("mode", MODES), ("dropout", DROPOUT_MODES)):
+            check_choice(f"LNSRConfig.{name}", getattr(self, name), allowed)
+        if self.stack is not None:
+            check_choice("LNSRConfig.stack", self.stack, STACKS)
+        weights = list(self.weight) if isinstance(self.weight, (list, tuple)) else [self.weight]
+        if isinstance(self.weight, (list, tuple)):
+            self.weight = weights
+            if not weights:
+                raise ValueError("LNSRConfig.weight is an empty list; give a float or one float per layer")
+        if not all(is_real(w) for w in weights):
+            raise TypeError(f"LNSRConfig.weight must be a float or a list of floats, got {self.weight!r}")
+        if not all(math.isfinite(w) and w >= 0 for w in weights):
+            raise ValueError(f"LNSRConfig.weight must be finite and >= 0, got {self.weight!r}")
+        if is_int(self.layers):
+            self.layers = [self.layers]
+        if self.layers is not None:
+            if not isinstance(self.layers, (list, tuple)) or not all(is_int(r) for r in self.layers):
+                raise TypeError(f"LNSRConfig.layers must be None, an int or a list of ints, got {self.layers!r}")
+            self.layers = list(self.layers)
+            if not self.layers:
+                raise ValueError("LNSRConfig.layers is an empty list; give None (every layer) or at least one index")
+            if isinstance(self.weight, list) and len(self.weight) != len(self.layers):
+                raise ValueError(f"LNSRConfig.weight has {len(self.weight)} entries but layers has {len(self.layers)}")
+        if not isinstance(self.detach_clean, bool):
+            raise TypeError(f"LNSRConfig.detach_clean must be a bool, got {self.detach_clean!r}")
+
+    @property
+    def name(self) -> str:
+        """The method's name in `lnsr_fast.methods`: "lnsr" (Gaussian noise) or "lnsr_in_manifold"."""
+        return "lnsr" if self.noise == "gaussian" else "lnsr_in_manifold"
+
+
+
+def draw(noise):
+    """The draw of a sampler inside the model's forward: `noise.sample` (no host-synchronising id check; the
+    model's embedding lookup has checked the ids) where it has one, else the sampler itself."""
+    return getattr(noise, "sample", noise)
+
+
+def _encoder_decoder(model: nn.Module) -> bool:
+    return bool(getattr(getattr(heads.base_model(model), "config", None), "is_encoder_decoder", False))
+
+
+def num_layers(model: nn.Module, stack: str | None = None) -> int | None:
+    """L of a stack (its hidden states are 0..L), from the config; None when the config does not say. stack:
+    "encoder" (the default of an encoder–decoder model) or "decoder"."""
+    config = getattr(heads.base_model(model), "config", None)
+    keys = (("decoder_layers", "num_decoder_layers") if stack == "decoder" else
+            ("encoder_layers", "num_layers", "num_hidden_layers") if _encoder_decoder(model) else ("num_hidden_layers",))
+    for key in keys:
+        n = getattr(config, key, None)
+        if is_int(n):
+            return n
     return None
 
 
-def split_inputs(model, batch: dict, position_ids=None) -> tuple:
-    """(input_ids, given inputs_embeds or None, the other model inputs) of a batch, for a pass on word
-    embeddings: input_ids are checked when they are to be embedded, and `position_ids`
-    (position_ids_from_input_ids) adds the positions a RoBERTa-style model derives from input_ids,
-    since it counts every position when it sees inputs_embeds instead."""
-    batch = dict(batch)
-    input_ids, given = batch.pop("input_ids", None), batch.pop("inputs_embeds", None)
-    if given is None:
-        if input_ids is None:
-            raise ValueError("the batch needs input_ids or inputs_embeds")
-        if not isinstance(input_ids, torch.Tensor) or input_ids.is_floating_point():
-            raise TypeError(f"input_ids must be an integer tensor, got {getattr(input_ids, 'dtype', type(input_ids).__name__)}")
-        check_token_ids(input_ids, model.get_input_embeddings().weight.shape[0])
-    if input_ids is not None and position_ids is not None and batch.get("position_ids") is None:
-        batch["position_ids"] = position_ids(input_ids)
-    return input_ids, given, batch
+def transformer_layers(model: nn.Module, stack: str | None = None) -> list[nn.Module]:
+    """The modules whose outputs are a stack's hidden states 1..L, in the order they run: the layer class a
+    Hugging Face model declares for its `hidden_states` (ALBERT calls its one layer L times), else the
+    nn.ModuleList of L modules. TypeError when neither is found."""
+    base = heads.base_model(model)
+    root = (base.get_decoder() if stack == "decoder" else base.get_encoder()) if _encoder_decoder(model) else base
+    spec = next((m._can_record_outputs["hidden_states"] for m in root.modules()
+                 if "hidden_states" in (getattr(m, "_can_record_outputs", None) or {})), None)
+    if spec is not None:
+        target = getattr(spec, "target_class", spec)   # an OutputRecorder, or the class itself
+        name = spec if isinstance(spec, str) else getattr(spec, "class_name", None)
+        found = [m for n, m in root.named_modules()
+                 if (isinstance(target, type) and isinstance(m, target)) or (name is not None and n.endswith(name))]
+        if found:
+            return found
+    n = num_layers(model, stack)
+    lists = [(name, m) for name, m in root.named_modules() if isinstance(m, nn.ModuleList) and len(m) == n]
+    if len(lists) > 1:   # e.g. a list of norms beside the layers: keep the usual names
+        lists = [(name, m) for name, m in lists if name.rsplit(".", 1)[-1] in ("layer", "layers", "h", "block", "blocks")]
+    if len(lists) != 1:
+        raise TypeError(f"cannot find the transformer layers of {type(base).__name__}: it declares no hidden-states "
+                        f"layer and has {len(lists)} nn.ModuleLists of config's {n!r} layers")
+    return list(lists[0][1])
 
 
-def num_hidden_layers(model) -> int | None:
-    """L, so that hidden_states has L+1 entries (the embedding output first); None when unknown."""
-    config = getattr(model, "config", None)
-    n = getattr(config, "num_hidden_layers", None)
-    return n if isinstance(n, int) else None
+class LNSR(Method):
+    """Layerwise Noise Stability Regularization inside the model's forward (see the module docstring).
 
-
-class LNSR:
-    """Layerwise Noise Stability Regularization around a model that accepts `inputs_embeds`.
-
-    `outputs, reg = lnsr(**batch)` embeds `input_ids` with the model's input embedding, draws ε with
-    `noise`, runs the clean and the noisy input, and returns the clean half's outputs (with the
-    model's own task loss in `outputs.loss` when the batch has labels) and the penalty
-    Σ_r λ_r‖h_r(x+ε) − h_r(x)‖² over the chosen layers. Train on `outputs.loss + reg`.
-
-    weight: λ for every layer (default DEFAULT_WEIGHT = 0.02, see docs/reproduction), or one per chosen
-    layer. layers: indices into `hidden_states` (0 = embedding output); default 1..L, every transformer layer. mode: "concat" (one 2B pass) or
-    "two_pass". dropout: "shared" gives both halves the same dropout masks, so that the penalty
-    measures the noise and not dropout mismatch (DESIGN.md §2); "independent" keeps separate masks.
-    backend: the penalty's backend, "auto" | "cuda" | "triton" | "torch" (see lnsr_fast.kernels); the
-    noise's is the sampler's own. Every other batch entry (token_type_ids, position_ids, ...) is passed
-    to the model.
-
-    >>> lnsr = LNSR(model, GaussianNoise(ratio=0.05, seed=0), weight=0.02)
-    >>> outputs, reg = lnsr(**batch)
-    >>> (outputs.loss + reg).backward()
+    The hidden states are recorded by hooks on the transformer layers (`transformer_layers`): hidden state 0 is
+    the first layer's input, r ≥ 1 the output of layer r (before a final norm, which Hugging Face's last
+    `hidden_states` entry includes). An encoder–decoder model's encoder layers are regularised unless
+    `stack="decoder"`. Falls back to two passes, with one warning, for labels whose loss the model cannot
+    compute on the clean half of a doubled batch (an unknown head) and for a model that draws randomness that
+    cannot be paired; `mode="two_pass"` always runs two.
     """
 
-    def __init__(self, model: nn.Module, noise, weight=DEFAULT_WEIGHT, layers=None, mode: str = "concat",
-                 dropout: str = "shared", reduction: str = "sum", detach_clean: bool = False, backend: str = "auto"):
-        if not callable(getattr(model, "get_input_embeddings", None)):
-            raise TypeError(f"model must have get_input_embeddings() (a Hugging Face model), got {type(model).__name__}")
-        params = _forward_parameters(model)
-        takes_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-        if "inputs_embeds" not in params:
-            raise TypeError(f"model {type(model).__name__}.forward takes no `inputs_embeds`; LNSR perturbs the "
-                            "input embeddings and needs it")
-        if "output_hidden_states" not in params and not takes_kwargs:
-            raise TypeError(f"model {type(model).__name__}.forward takes no `output_hidden_states`; LNSR needs "
-                            "every layer's hidden states")
-        if not callable(noise):
-            raise TypeError(f"noise must be a sampler such as GaussianNoise or InManifoldNoise, got {type(noise).__name__}")
-        check_choice("mode", mode, MODES)
-        check_choice("dropout", dropout, DROPOUT_MODES)
-        check_choice("reduction", reduction, REDUCTIONS)
-        check_choice("backend", backend, BACKENDS)
-        if layers is not None:
-            layers = list(layers)
-            if not layers or not all(is_int(r) for r in layers):
-                raise ValueError(f"layers must be a non-empty sequence of ints, got {layers!r}")
-        self.model, self.noise, self.mode, self.dropout = model, noise, mode, dropout
-        self.reduction, self.detach_clean, self.weight, self.layers = reduction, detach_clean, weight, layers
-        self.backend = backend
-        self.head = heads.head_kind(model)
-        self._passes_use_cache = "use_cache" in params
-        self._position_ids = position_ids_from_input_ids(model) if "position_ids" in params else None
-        self._warned: set[str] = set()
-        self._unpairable = False  # set once a concat pass drew randomness that could not be paired
-        n = num_hidden_layers(model)
-        if n is not None:
-            self._check_layers(n + 1)
-        elif not isinstance(weight, (int, float)):
-            resolve_weights(weight, len(layers) if layers is not None else len(weight), "weight")
+    names = ("task_loss", "lnsr_penalty")
 
-    def _check_layers(self, n_states: int) -> tuple[list[int], list[float]]:
-        layers = self.layers if self.layers is not None else list(range(1, n_states))
-        bad = [r for r in layers if not -n_states <= r < n_states]
-        if bad:
-            raise ValueError(f"layers {bad} out of range: the model has {n_states} hidden states (0 = embeddings)")
-        return layers, resolve_weights(self.weight, len(layers), "weight")
+    def __init__(self, model: nn.Module, config: LNSRConfig):
+        super().__init__(model, config)
+        self.name = config.name
+        if config.stack is not None and not _encoder_decoder(model):
+            raise ValueError(f"LNSRConfig.stack={config.stack!r} applies to encoder–decoder models; "
+                             f"{type(model).__name__} has one stack of hidden states")
+        self.stack_layers = transformer_layers(model, config.stack)
+        self.noise = config.make_noise(model)
+        self._recorder = None
+        self._layers_for: dict[int, tuple[list[int], list[float]]] = {}
+        self.n_states = None if num_layers(model, config.stack) is None else num_layers(model, config.stack) + 1
+        if self.n_states is not None:
+            self.layers(self.n_states)   # the layers and weights are checked now
+        elif isinstance(config.weight, list) and config.layers is None:
+            raise ValueError("LNSRConfig.weight is a list but the model's number of layers is unknown; give layers too")
 
-    def _fall_back(self, reason: str) -> None:
-        if reason not in self._warned:
-            warnings.warn(f"LNSR: running in two_pass mode instead of concat: {reason}", stacklevel=3)
-            self._warned.add(reason)
+    def attach(self, handle) -> None:
+        self._recorder = Recorder(handle, self.stack_layers)
 
-    def __call__(self, **batch):
-        return self.compute(batch)
+    def remove(self) -> None:
+        if self._recorder is not None:
+            self._recorder.remove()
 
-    def compute(self, batch: dict, model: nn.Module | None = None):
-        """`lnsr(**batch)`, optionally through another callable wrapping the same model (e.g. DDP)."""
-        model = self.model if model is None else model
-        input_ids, x, batch = split_inputs(self.model, batch, self._position_ids)
-        if x is None:
-            x = self.model.get_input_embeddings()(input_ids)
-        if isinstance(x, torch.Tensor) and x.dim() >= 2 and x.shape[0] == 0:
-            raise ValueError(f"the batch is empty (inputs of shape {tuple(x.shape)}); LNSR needs at least one row")
-        mask = batch.get("attention_mask")
-        eps = self.noise(input_ids, x, mask)
-        labels = {k: batch.pop(k) for k in heads.LABEL_KEYS if k in batch}
-        num_items = batch.pop("num_items_in_batch", None)
-        batch["output_hidden_states"], batch["return_dict"] = True, True
-        if self._passes_use_cache:
-            batch.setdefault("use_cache", False)
+    def set_accumulation(self, steps: int) -> None:
+        self.config.accumulate(self.noise, steps)
 
-        shared = self.dropout == "shared" and model.training
-        mode = self.mode
-        # Labels this module cannot split (an unknown head, or e.g. `next_sentence_label`) would make the
-        # model average its loss over both halves: such batches run in two passes.
-        unknown_labels = [k for k in batch if "label" in k or k.endswith("_positions")]
-        if mode == "concat" and (unknown_labels or (labels and self.head is None)):
-            self._fall_back(f"the task loss of {type(self.model).__name__} for {sorted(unknown_labels or labels)} "
-                            "is computed by the model, which would see both halves")
-            mode = "two_pass"
-        if mode == "concat" and shared and self._unpairable:
-            mode = "two_pass"
-        if mode == "concat":
-            try:
-                return self._concat(model, x, eps, batch, labels, num_items, shared)
-            except UnpairableRandomness as e:
-                self._unpairable = True
-                self._fall_back(f"its dropout masks cannot be shared between the halves ({e})")
-        return self._two_pass(model, x, eps, batch, labels, num_items, shared)
+    def layers(self, n_states: int) -> tuple[list[int], list[float]]:
+        """The chosen hidden-state indices and their λ, for a stack of `n_states` hidden states."""
+        if n_states not in self._layers_for:
+            layers = self.config.layers if self.config.layers is not None else list(range(1, n_states))
+            bad = [r for r in layers if not -n_states <= r < n_states]
+            if bad:
+                raise ValueError(f"layers {bad} out of range: the model has {n_states} hidden states (0 = embeddings)")
+            self._layers_for[n_states] = layers, resolve_weights(self.config.weight, len(layers), "weight")
+        return self._layers_for[n_states]
 
-    def _penalty(self, hidden_states, half: slice | None, noisy_hidden, mask):
-        if hidden_states is None:
-            raise TypeError(f"{type(self.model).__name__} returned no hidden_states; LNSR needs every layer's output")
-        layers, weights = self._check_layers(len(hidden_states))
-        clean = [hidden_states[r] if half is None else hidden_states[r][half] for r in layers]
-        noisy = [noisy_hidden[r] for r in layers]
-        if self.detach_clean:
-            clean = [h.detach() for h in clean]
-        return layerwise_stability(clean, noisy, mask, weights, self.reduction, self.backend)
+    def _states(self, states: list) -> list:
+        if self.n_states is not None and len(states) != self.n_states:
+            raise RuntimeError(f"recorded {len(states)} hidden states of {type(self.model).__name__}'s layers "
+                               f"{type(self.stack_layers[0]).__name__}, expected {self.n_states} (L + 1)")
+        return states
 
-    def _concat(self, model, x, eps, batch, labels, num_items, shared):
-        b = x.shape[0]
-        both = {k: torch.cat([v, v]) if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == b else v
-                for k, v in batch.items()}
-        with paired_dropout(b, x.device) if shared else contextlib.nullcontext():
-            out = model(inputs_embeds=torch.cat([x, x + eps]), **both)
-        hs = out.hidden_states
-        reg = self._penalty(hs, slice(0, b), None if hs is None else [h[b:] for h in hs], batch.get("attention_mask"))
-        fields = {k: _first_rows(v, b) for k, v in out.items()}
-        clean = type(out)(**fields)
-        if labels:
-            # Rebuilt with the loss as its first field, so that outputs[0] is the loss, as HF returns it.
-            clean = type(out)(**{**fields, "loss": heads.task_loss(self.head, self.model.config, clean, labels, num_items)})
-        return clean, reg
-
-    def _two_pass(self, model, x, eps, batch, labels, num_items, shared):
-        state = rng_state(x.device) if shared else None
-        extra = {} if num_items is None else {"num_items_in_batch": num_items}
-        clean = model(inputs_embeds=x, **batch, **labels, **extra)
-        if state is not None:
-            set_rng_state(state, x.device)
-        noisy = model(inputs_embeds=x + eps, **batch)
-        hs_noisy = noisy.hidden_states
-        return clean, self._penalty(clean.hidden_states, None, hs_noisy, batch.get("attention_mask"))
+    def forward(self, call: Call):
+        config = self.config
+        copies = call.clean_and_noisy(draw(self.noise), pair=config.dropout == "shared",
+                                      concat=config.mode == "concat", record=True)
+        states = self._states(copies.states)
+        layers, weights = self.layers(len(states))
+        mask = call.inputs.get("decoder_attention_mask") if config.stack == "decoder" else call.mask
+        if copies.noisy is None:   # one doubled pass: the fused penalty reads both copies in place
+            penalty = layerwise_stability_concat([states[r] for r in layers], call.rows, mask, weights,
+                                                 config.reduction, config.backend, config.detach_clean)
+        else:
+            noisy = self._states(copies.noisy_states)
+            chosen = [states[r].detach() if config.detach_clean else states[r] for r in layers]
+            penalty = layerwise_stability(chosen, [noisy[r] for r in layers], mask, weights, config.reduction,
+                                          config.backend)
+        return call.finish(copies.out, penalty, self.names, copies.half, copies.mode)
 
 
-def _first_rows(value, b: int):
-    if isinstance(value, torch.Tensor):
-        return value[:b] if value.dim() and value.shape[0] == 2 * b else value
-    if isinstance(value, tuple):
-        return tuple(_first_rows(v, b) for v in value)
-    return value
+LNSRConfig.method = LNSR

@@ -116,6 +116,11 @@ class _NoiseSampler:
         self.step += 1
         return seed
 
+    def sample(self, input_ids, inputs_embeds, attention_mask=None) -> torch.Tensor:
+        """The same draw as calling the sampler, without the range check of `input_ids` (a host sync): for ids
+        the model's own embedding lookup has just checked, as in the LNSR step."""
+        return self(input_ids, inputs_embeds, attention_mask)
+
     def state_dict(self) -> dict:
         return {"seed": self.seed, "step": self.step, "ratio": self.ratio}
 
@@ -207,12 +212,19 @@ class InManifoldNoise(_NoiseSampler):
         self.table = build_neighbor_table(self._weight_of(), self.k, self.knn_backend)
         self._table_step = self.step
 
-    @torch.no_grad()
     def __call__(self, input_ids, inputs_embeds, attention_mask=None) -> torch.Tensor:
+        return self._draw(input_ids, inputs_embeds, attention_mask, check_ids=True)
+
+    def sample(self, input_ids, inputs_embeds, attention_mask=None) -> torch.Tensor:
+        return self._draw(input_ids, inputs_embeds, attention_mask, check_ids=False)
+
+    @torch.no_grad()
+    def _draw(self, input_ids, inputs_embeds, attention_mask, check_ids: bool) -> torch.Tensor:
         if input_ids is None:
             raise ValueError("input_ids is required by InManifoldNoise (neighbours are looked up by token id)")
         weight = self._weight_of()
-        real = check_noise_inputs(input_ids, inputs_embeds, attention_mask, vocab_size=weight.shape[0])
+        real = check_noise_inputs(input_ids, inputs_embeds, attention_mask,
+                                  vocab_size=weight.shape[0] if check_ids else None)
         if weight.shape[1] != inputs_embeds.shape[-1]:
             raise ValueError(f"inputs_embeds has width {inputs_embeds.shape[-1]} but the embedding matrix has {weight.shape[1]}")
         if weight.device != inputs_embeds.device:

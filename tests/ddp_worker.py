@@ -1,12 +1,13 @@
-"""Worker for tests/test_trainer.py::test_ddp_ranks_draw_different_noise_and_stay_in_sync (run under torchrun, gloo, CPU).
+"""Worker for tests/test_trainer.py::test_ddp_ranks_draw_different_noise_stay_in_sync_and_keep_the_ratio (run under
+torchrun, gloo, CPU).
 
 usage: python -m torch.distributed.run --nproc_per_node 2 tests/ddp_worker.py OUTDIR
 
-Each process trains a tiny BERT classifier with LNSRTrainer for 4 steps (checkpoint at step 2), then
-resumes a fresh model from that checkpoint in a second trainer, and saves to OUTDIR/rank{r}.pt: the noise
-its first step added (read off the model's inputs_embeds = cat[x, x+ε]), what its sampler draws for one
-fixed input shared by the ranks, the final weights of both runs,
-the log history and the sampler state.
+Each process trains a tiny BERT classifier with LNSRTrainer for 4 steps (checkpoint at step 2), then resumes a
+fresh model from that checkpoint in a second trainer; then, for the batching test, one SGD step on its 4 of 8
+rows with a token-wise noise at weight 0 and 0.5. It saves to OUTDIR/rank{r}.pt: the noise its first step
+added (read off the word embeddings of the doubled pass), what its sampler draws for one fixed input shared by
+the ranks, the final weights of both runs, the log history, the sampler state and the two SGD updates.
 """
 from __future__ import annotations
 
@@ -17,27 +18,30 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 
 from transformers import BertConfig, BertForSequenceClassification, TrainingArguments  # noqa: E402
 
+import lnsr_fast as lf  # noqa: E402
+from families import TokenwiseNoise  # noqa: E402
 from lnsr_fast import LNSRConfig, LNSRTrainer  # noqa: E402
+from lnsr_fast.regularize import word_embeddings  # noqa: E402
 
 STEPS, SAVE_AT = 4, 2
 
 
-def tiny_model(seed: int) -> BertForSequenceClassification:
+def tiny_model(seed: int, dropout: float = 0.1) -> BertForSequenceClassification:
     torch.manual_seed(seed)
     return BertForSequenceClassification(BertConfig(
         vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-        max_position_embeddings=32, num_labels=2))
+        max_position_embeddings=32, num_labels=2, hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout))
 
 
-def dataset(n: int = 32, length: int = 10) -> list[dict]:
+def dataset(n: int = 32, length: int = 10, padded: bool = True) -> list[dict]:
     g = torch.Generator().manual_seed(0)
     rows = []
     for i in range(n):
-        real = int(torch.randint(4, length + 1, (1,), generator=g))
+        real = int(torch.randint(4, length + 1, (1,), generator=g)) if padded else length
         ids = torch.zeros(length, dtype=torch.long)
         ids[:real] = torch.randint(1, 128, (real,), generator=g)
         mask = (torch.arange(length) < real).long()
@@ -45,12 +49,26 @@ def dataset(n: int = 32, length: int = 10) -> list[dict]:
     return rows
 
 
+def args(output_dir: Path, **kwargs) -> TrainingArguments:
+    defaults = dict(output_dir=str(output_dir), use_cpu=True, ddp_backend="gloo", report_to=[],
+                    per_device_train_batch_size=4, max_steps=STEPS, learning_rate=1e-3, logging_steps=2,
+                    save_strategy="steps", save_steps=SAVE_AT, seed=0, disable_tqdm=True, dataloader_num_workers=0)
+    return TrainingArguments(**{**defaults, **kwargs})
+
+
 def make_trainer(model, output_dir: Path) -> LNSRTrainer:
-    args = TrainingArguments(output_dir=str(output_dir), use_cpu=True, ddp_backend="gloo", report_to=[],
-                             per_device_train_batch_size=4, max_steps=STEPS, learning_rate=1e-3, logging_steps=2,
-                             save_strategy="steps", save_steps=SAVE_AT, seed=0, disable_tqdm=True,
-                             dataloader_num_workers=0)
-    return LNSRTrainer(model=model, args=args, train_dataset=dataset(), lnsr=LNSRConfig(noise="in_manifold"))
+    return LNSRTrainer(model=model, args=args(output_dir), train_dataset=dataset(),
+                       lnsr=LNSRConfig(noise="in_manifold"))
+
+
+def sgd_update(outdir: Path, weight: float) -> torch.Tensor:
+    """As tests/test_trainer.py::sgd_update: one SGD step on this rank's 4 of 8 unpadded rows."""
+    model = tiny_model(0, dropout=0.0)
+    before = torch.cat([p.detach().flatten() for p in model.parameters()])
+    LNSRTrainer(model=model, args=args(outdir / f"sgd-{weight}", optim="sgd", learning_rate=0.5, max_steps=1,
+                                       max_grad_norm=0.0, lr_scheduler_type="constant", save_strategy="no"),
+                train_dataset=dataset(8, padded=False), lnsr=LNSRConfig(noise=TokenwiseNoise(), weight=weight)).train()
+    return torch.cat([p.detach().flatten() for p in model.parameters()]) - before
 
 
 def main(outdir: Path) -> None:
@@ -60,27 +78,26 @@ def main(outdir: Path) -> None:
     rank = trainer.args.process_index
     first = {}
 
-    def record(module, args, kwargs):
-        if "eps" not in first and kwargs.get("inputs_embeds") is not None:
-            emb = kwargs["inputs_embeds"].detach()
-            b = emb.shape[0] // 2
-            first["eps"] = (emb[b:] - emb[:b]).clone()
+    def record(module, args, output):   # registered after apply: the doubled pass's perturbed word embeddings
+        if "eps" not in first and output.shape[0] == 8:
+            first["eps"] = (output[4:] - output[:4]).detach().clone()
 
     # What the sampler would draw first for one fixed input, the same on every rank.
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(1, 128, (2, 6), generator=g)
-    probe = copy.deepcopy(trainer.lnsr.noise)(ids, model.get_input_embeddings()(ids).detach(), torch.ones_like(ids))
+    probe = copy.deepcopy(trainer.handle.noise)(ids, model.get_input_embeddings()(ids).detach(), torch.ones_like(ids))
 
-    handle = model.register_forward_pre_hook(record, with_kwargs=True)
+    hook = word_embeddings(model).register_forward_hook(record)
     trainer.train()
-    handle.remove()
+    hook.remove()
     final = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    noise_state = trainer.lnsr.noise.state_dict()
+    noise_state = trainer.handle.noise.state_dict()
 
     resumed_model = tiny_model(1)   # other initial weights: the checkpoint must supply them
     resumed = make_trainer(resumed_model, outdir / "resumed")
     resumed.train(resume_from_checkpoint=str(outdir / "run" / f"checkpoint-{SAVE_AT}"))
 
+    task_update = sgd_update(outdir, 0.0)
     torch.save({
         "world_size": trainer.args.world_size,
         "eps": first["eps"],
@@ -89,7 +106,9 @@ def main(outdir: Path) -> None:
         "resumed_state": {k: v.detach().clone() for k, v in resumed_model.state_dict().items()},
         "logs": trainer.state.log_history,
         "noise_state": noise_state,
-        "resumed_noise_state": resumed.lnsr.noise.state_dict(),
+        "resumed_noise_state": resumed.handle.noise.state_dict(),
+        "task_update": task_update,
+        "penalty_update": sgd_update(outdir, 0.5) - task_update,
     }, outdir / f"rank{rank}.pt")
     # A gloo group left for the interpreter's exit to tear down can abort a rank after its work is done
     # ("terminate called without an active exception", seen once in CI): close it while both ranks live.

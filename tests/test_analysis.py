@@ -260,8 +260,8 @@ def test_bad_inject_at_is_named():
     noise = InManifoldNoise(model.get_input_embeddings(), k=4, ratio=0.05, seed=0)
     with pytest.raises(ValueError, match="inject_at"):
         noise_propagation(model, noise, batches(n=1), inject_at=1)
-    model.config.num_hidden_layers = LAYERS + 5   # no ModuleList of that length: the layers cannot be found
-    with pytest.raises(TypeError, match="transformer layers"):
+    model.config.num_hidden_layers = LAYERS + 5   # not the layer modules it has: none is hidden state b alone
+    with pytest.raises(ValueError, match="transformer layer module"):
         noise_propagation(model, zero_noise, batches(n=1), inject_at=1)
 
 

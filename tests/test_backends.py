@@ -226,22 +226,23 @@ def test_noise_ops_compile_without_graph_breaks():
 
 
 def test_compiled_model_trains_through_lnsr():
-    """torch.compile(model) inside LNSR: the same loss and gradients as the eager model."""
+    """torch.compile(model) of a model LNSR is applied to: the same loss, penalty and gradients as the eager model."""
     torch.manual_seed(0)
     config = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
                         intermediate_size=32, max_position_embeddings=16, hidden_dropout_prob=0.0,
                         attention_probs_dropout_prob=0.0, num_labels=3)
-    model = BertForSequenceClassification(config).eval()
+    model = BertForSequenceClassification(config).train()
     ids = torch.randint(1, 50, (3, 8))
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.tensor([0, 2, 1])}
     results = []
     for wrap in (lambda m: m, lambda m: torch.compile(m, backend="aot_eager")):
         model.zero_grad()
         noise = lf.InManifoldNoise(model.get_input_embeddings(), k=3, seed=0, knn_backend="torch")
-        lnsr = lf.LNSR(model, noise, weight=0.5)
-        out, reg = lnsr.compute(batch, model=wrap(model))
-        (out.loss + reg).backward()
-        results.append((out.loss.detach(), reg.detach(), [p.grad.clone() for p in model.parameters()]))
+        handle = lf.apply(model, lf.LNSRConfig(noise=noise, weight=0.5))
+        out = wrap(model)(**batch)
+        out.loss.backward()
+        lf.remove(model)
+        results.append((out.loss.detach(), handle.last["lnsr_penalty"], [p.grad.clone() for p in model.parameters()]))
     (loss, reg, grads), (loss_c, reg_c, grads_c) = results
     torch.testing.assert_close(loss_c, loss)
     torch.testing.assert_close(reg_c, reg)

@@ -88,8 +88,11 @@ def test_bench_step_quick_ratios_to_ft_of_the_same_run(tmp_path):
                                       if m in ("lnsr", "lnsr_in_manifold") else [("", "")])}
     assert {(r["method"], r["mode"], r["dropout"]) for r in first} == expected
     assert set(fields) == {"method", "mode", "noise", "dropout", "size", "batch", "seq", "amp", "peak_gib", "note",
-                           "x_ft"} | TIMES | META
+                           "x_ft", "added_ops", "added_syncs"} | TIMES | META
     assert all(r["peak_gib"] == "" and r["amp"] == "none" and float(r["median_ms"]) > 0 for r in first)
+    added = {(r["method"], r["mode"], r["dropout"]): (int(r["added_ops"]), int(r["added_syncs"])) for r in first}
+    assert added[("ft", "", "")] == (0, 0) and added[("lnsr", "concat", "independent")][0] > 0
+    assert all(syncs == 0 for (method, mode, _), (_, syncs) in added.items() if mode == "concat")   # LNSR's own
 
     # An earlier run's FT row (much slower, with fewer columns) must neither be used for the next run's
     # ratios nor be lost when that run appends its rows.
@@ -102,7 +105,7 @@ def test_bench_step_quick_ratios_to_ft_of_the_same_run(tmp_path):
         "--results", str(tmp_path))
     _, fields, rows = results(tmp_path, "step")
     assert set(fields) == {"method", "mode", "noise", "dropout", "size", "batch", "seq", "amp", "peak_gib", "note",
-                           "x_ft"} | TIMES | META
+                           "x_ft", "added_ops", "added_syncs"} | TIMES | META
     assert rows[0]["run"] == "old" and len(rows) == 1 + len(first) + 2
     second = rows[1 + len(first):]
     assert [(r["method"], r["mode"], r["dropout"]) for r in second] == [("ft", "", ""), ("lnsr", "concat", "shared")]

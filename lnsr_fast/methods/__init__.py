@@ -1,58 +1,92 @@
-"""Peer methods and ablations of LNSR behind one interface (`Method`), selected by name in LNSRTrainer and the
-CLI: one file per method, each with its source and defaults in its docstring.
+"""LNSR, the peer methods its paper compares with, and its ablations, by name (docs/design.md §3): each is a config
+(every hyperparameter, its default and its check in one dataclass) that `lnsr_fast.apply` puts inside the model's
+forward; one file per method, with its source and defaults in its docstring.
 
-    from lnsr_fast.methods import METHODS, build
-    method = build("smart", model, steps=1)            # hyperparameters as keywords; defaults(name) lists them
-    loss, logs = method.training_step(model, batch, lambda l: l.backward())
-    method.before_optimizer_step(model); optimizer.step()
+    from lnsr_fast import apply
+    from lnsr_fast.methods import METHODS, config, defaults
+    handle = apply(model, config("smart", steps=2))   # defaults("smart") lists the hyperparameters
+    model(**batch).loss.backward()                    # task loss + SMART's term
 """
 from __future__ import annotations
 
-import inspect
+import dataclasses
 
-from torch import nn
+from ..lnsr import DEFAULT_RATIOS, LNSRConfig
+from ..regularize import MethodConfig
+from .cwgnc import CWGNCConfig
+from .freelb import FreeLBConfig
+from .ft import FTConfig
+from .l2sp import L2SPConfig
+from .mixout import MixoutConfig
+from .noise_only import NoiseOnlyConfig
+from .r3f import R3FConfig
+from .smart import SMARTConfig
 
-from .base import Method
-from .cwgnc import CWGNC
-from .freelb import FreeLB
-from .ft import FineTuning
-from .l2sp import L2SP
-from .lnsr import InManifoldLNSR, LNSRConfig, LNSRMethod, StandardLNSR
-from .mixout import Mixout
-from .noise_only import NoiseOnlyGaussian, NoiseOnlyInManifold
-from .r3f import R3F
-from .smart import SMART
-
-_CLASSES = (FineTuning, StandardLNSR, InManifoldLNSR, SMART, FreeLB, R3F, L2SP, Mixout, CWGNC,
-            NoiseOnlyGaussian, NoiseOnlyInManifold)
-METHODS = tuple(c.name for c in _CLASSES)
-_BY_NAME = {c.name: c for c in _CLASSES}
-
-__all__ = ["METHODS", "Method", "LNSRConfig", "LNSRMethod", "build", "defaults", "method_class"]
+_IN_MANIFOLD_ONLY = ("k", "knn_backend", "refresh_every")
 
 
-def method_class(name: str) -> type[Method]:
-    """The class of method `name`; ValueError naming it and listing METHODS if unknown."""
-    if name not in _BY_NAME:
+def _noise(kind: str) -> dict:
+    # The noise is the method's identity (not a hyperparameter); its ratio is a hyperparameter defaulting per kind.
+    return {"noise": kind, "ratio": DEFAULT_RATIOS[kind]}
+
+
+# name -> (config class, the defaults the name sets, the config's fields the name does not use)
+_REGISTRY = {
+    "ft": (FTConfig, {}, ()),
+    "lnsr": (LNSRConfig, _noise("gaussian"), _IN_MANIFOLD_ONLY),
+    "lnsr_in_manifold": (LNSRConfig, _noise("in_manifold"), ()),
+    "smart": (SMARTConfig, {}, ()),
+    "freelb": (FreeLBConfig, {}, ()),
+    "r3f": (R3FConfig, {}, ()),
+    "l2sp": (L2SPConfig, {}, ()),
+    "mixout": (MixoutConfig, {}, ()),
+    "cwgnc": (CWGNCConfig, {}, ()),
+    "noise_only_gaussian": (NoiseOnlyConfig, _noise("gaussian"), _IN_MANIFOLD_ONLY),
+    "noise_only_in_manifold": (NoiseOnlyConfig, _noise("in_manifold"), ()),
+}
+METHODS = tuple(_REGISTRY)
+
+__all__ = ["METHODS", "config", "config_class", "defaults", "help_texts"]
+
+
+def _entry(name: str):
+    if name not in _REGISTRY:
         raise ValueError(f"unknown method {name!r}; expected one of {METHODS}")
-    return _BY_NAME[name]
+    return _REGISTRY[name]
+
+
+def config_class(name: str) -> type[MethodConfig]:
+    """The config class of method `name`; ValueError naming it and listing METHODS if unknown."""
+    return _entry(name)[0]
+
+
+def _hyperparameters(name: str) -> list[dataclasses.Field]:
+    cls, preset, unused = _entry(name)
+    fixed = {"noise"} & set(preset)   # the noise kind is the method's identity, not a hyperparameter
+    return [f for f in dataclasses.fields(cls) if f.name not in unused and f.name not in fixed]
 
 
 def defaults(name: str) -> dict:
     """Method `name`'s hyperparameters and their defaults, e.g. defaults("r3f") == {"weight": 1.0, ...}."""
-    params = list(inspect.signature(method_class(name).__init__).parameters.values())[2:]   # after self, model
-    return {p.name: p.default for p in params}
+    preset = _entry(name)[1]
+    return {f.name: preset.get(f.name, f.default) for f in _hyperparameters(name)}
 
 
-def build(name: str, model: nn.Module, **hparams) -> Method:
-    """Method `name` on `model` (the unwrapped Hugging Face model), with `hparams` overriding its defaults.
+def help_texts(name: str) -> dict[str, str]:
+    """{hyperparameter: its help text} of method `name`."""
+    return {f.name: f.metadata.get("help", "") for f in _hyperparameters(name)}
 
-    ValueError for an unknown method; TypeError naming unknown hyperparameters; the method's own
+
+def config(name: str, **hyperparameters) -> MethodConfig:
+    """The config of method `name` with `hyperparameters` overriding its defaults, checked.
+
+    ValueError for an unknown method; TypeError naming unknown hyperparameters; the config's own
     TypeError/ValueError naming a hyperparameter with a bad value.
     """
     allowed = defaults(name)
-    unknown = sorted(set(hparams) - set(allowed))
+    unknown = sorted(set(hyperparameters) - set(allowed))
     if unknown:
         raise TypeError(f"unknown hyperparameter(s) {unknown} for method {name!r}; its hyperparameters are "
                         f"{sorted(allowed) or 'none'}")
-    return method_class(name)(model, **hparams)
+    cls, preset, _ = _entry(name)
+    return cls(**{**preset, **hyperparameters})

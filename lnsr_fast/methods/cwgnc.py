@@ -12,25 +12,26 @@ after every backward).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
 from ..checks import check_real
-from .base import Method
+from ..regularize import Method, MethodConfig
+from .base import hyperparameter
 
 
 class CWGNC(Method):
-    """Clips each trainable parameter's gradient to ‖g‖ ≤ max_norm in `before_optimizer_step`.
-
-    The objective is the plain task loss. LNSRTrainer calls `before_optimizer_step` after the Trainer's own
-    global clip (`max_grad_norm`; the reference sets it to 0, which `lnsr-fast finetune` does for cwgnc).
-    """
+    """Clips each trainable parameter's gradient to ‖g‖ ≤ max_norm in `before_optimizer_step`, which
+    LNSRCallback calls from `on_pre_optimizer_step` (after the Trainer's own global clip, `max_grad_norm`, which
+    the reference turns off and `lnsr-fast finetune` sets to 0 for cwgnc); in a hand-written loop call
+    `handle.before_optimizer_step()` before `optimizer.step()`. The objective is the plain task loss."""
 
     name = "cwgnc"
 
-    def __init__(self, model: nn.Module, max_norm: float = 1.0):
-        super().__init__(model)
-        self.max_norm = check_real("max_norm", max_norm, open_minimum=True)
+    def __init__(self, model: nn.Module, config: "CWGNCConfig"):
+        super().__init__(model, config)
         self._params = [p for p in model.parameters() if p.requires_grad]
 
     @torch.no_grad()
@@ -40,5 +41,16 @@ class CWGNC(Method):
         if not grads:
             return
         norms = torch._foreach_norm(grads)
-        scales = [(self.max_norm / (n + 1e-6)).clamp(max=1.0).to(g.dtype) for n, g in zip(norms, grads)]
+        scales = [(self.config.max_norm / (n + 1e-6)).clamp(max=1.0).to(g.dtype) for n, g in zip(norms, grads)]
         torch._foreach_mul_(grads, scales)
+
+
+@dataclass
+class CWGNCConfig(MethodConfig):
+    """`cwgnc`: clip every parameter's gradient to max_norm on its own."""
+
+    method = CWGNC
+    max_norm: float = hyperparameter("the bound on each parameter tensor's gradient norm", 1.0)
+
+    def __post_init__(self):
+        self.max_norm = check_real("CWGNCConfig.max_norm", self.max_norm, open_minimum=True)

@@ -11,42 +11,42 @@ Defaults: K = 3 (the paper's GLUE runs use 2–3); the repository publishes per-
 scripts use α 4e-2–2e-1, init_mag 8e-2–1, max_norm 0–0.7), so α = 0.1, init_mag = 0.1 and max_norm = 0
 (unbounded) are mid-range choices of ours. Like the reference (which reuses its dropout masks), every step
 draws the same dropout masks: the default generators are restored before each pass.
+
+FreeLB is the one method with its own training step (K backward passes per batch): LNSRTrainer runs it, or
+call `handle.training_step(batch, backward)`; a plain training forward of the model refuses to run.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from ..dropout import rng_state, set_rng_state
 from ..checks import check_int, check_real
-from .base import EmbeddingMethod, real_tokens
+from ..pairing import rng_state, set_rng_state
+from ..regularize import Call, Method, MethodConfig, word_embeddings
+from .base import hyperparameter, real_tokens
 
 
-class FreeLB(EmbeddingMethod):
-    """Σ_t loss(x + δ_t) / K, back-propagated once per step; no separate penalty (logs nothing extra).
-
-    steps: K (1 with init_mag = 0 is plain fine-tuning). step_size: α. init_mag: scale of δ₀ (0: start at
-    δ₀ = 0). max_norm: bound on each example's ‖δ‖ (0: none).
-    """
+class FreeLB(Method):
+    """Σ_t loss(x + δ_t) / K, back-propagated once per step; no separate penalty."""
 
     name = "freelb"
+    own_step = True
 
-    def __init__(self, model: nn.Module, steps: int = 3, step_size: float = 0.1, init_mag: float = 0.1,
-                 max_norm: float = 0.0):
-        super().__init__(model)
-        self.steps = check_int("steps", steps, 1)
-        self.step_size = check_real("step_size", step_size)
-        self.init_mag = check_real("init_mag", init_mag)
-        self.max_norm = check_real("max_norm", max_norm)
+    def __init__(self, model: nn.Module, config: "FreeLBConfig"):
+        super().__init__(model, config)
+        self._delta: torch.Tensor | None = None   # δ of the ascent step in progress
+        self._in_step = False
 
     def initial_delta(self, x: torch.Tensor, attention_mask=None) -> torch.Tensor:
         """δ₀: uniform in [−1, 1] at real tokens, times init_mag / sqrt(real tokens × width) per example."""
         x = x.detach()
-        real = real_tokens(attention_mask, x)
-        if self.init_mag == 0:
+        if self.config.init_mag == 0:
             return torch.zeros_like(x)
+        real = real_tokens(attention_mask, x)
         dims = real.flatten(1).sum(1).clamp_min(1) * x.shape[-1]
-        scale = (self.init_mag / dims.sqrt()).view(-1, *([1] * (x.dim() - 1)))
+        scale = (self.config.init_mag / dims.sqrt()).view(-1, *([1] * (x.dim() - 1)))
         return torch.empty_like(x).uniform_(-1, 1) * real * scale
 
     def ascend(self, delta: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
@@ -57,27 +57,53 @@ class FreeLB(EmbeddingMethod):
         grad = torch.nan_to_num(delta.grad, nan=0.0, posinf=0.0, neginf=0.0)
         shape = (-1, *([1] * (grad.dim() - 1)))
         grad_norm = grad.flatten(1).float().norm(dim=1).clamp_min(1e-8).view(shape)
-        delta = (delta.detach() + self.step_size * grad / grad_norm.to(grad.dtype)) * real
-        if self.max_norm > 0:
+        delta = (delta.detach() + self.config.step_size * grad / grad_norm.to(grad.dtype)) * real
+        if self.config.max_norm > 0:
             norm = delta.flatten(1).float().norm(dim=1).view(shape)
-            delta = delta * (self.max_norm / norm).clamp(max=1.0).to(delta.dtype)
+            delta = delta * (self.config.max_norm / norm).clamp(max=1.0).to(delta.dtype)
         return delta
 
-    def training_step(self, model, batch, backward, penalty_scale=1.0):
-        input_ids, given, inputs, targets = self.split(batch)
-        x = self.embed(input_ids, given)
-        real = real_tokens(inputs.get("attention_mask"), x)
-        delta = self.initial_delta(x, inputs.get("attention_mask"))
-        state = rng_state(x.device)
-        total = torch.zeros((), device=x.device)
-        for step in range(self.steps):
-            if step:
+    def forward(self, call: Call):
+        if not self._in_step:
+            raise ValueError("FreeLB runs K forward and backward passes per batch: train with lnsr_fast.LNSRTrainer, "
+                             "or call handle.training_step(batch, backward) instead of model(**batch)")
+
+        return call.run(call.inputs, lambda input_ids, x: x + self._delta)[0]
+
+    def training_step(self, model: nn.Module, batch: dict, backward) -> torch.Tensor:
+        steps = self.config.steps
+        x = batch.get("inputs_embeds")
+        if x is None:   # the word embeddings' shape: δ₀ is drawn before the passes, whose dropout masks then repeat
+            weight = word_embeddings(self.model).weight
+            x = weight.new_empty((*batch["input_ids"].shape, weight.shape[-1]), device=batch["input_ids"].device)
+        self._in_step, self._delta = True, self.initial_delta(x, batch.get("attention_mask")).requires_grad_(True)
+        try:
+            state, total = rng_state(x.device), None
+            for step in range(steps):
                 set_rng_state(state, x.device)   # the same dropout masks in every step
-                x = self.embed(input_ids, given)   # the previous backward freed its graph
-            delta.requires_grad_(True)
-            loss = model(inputs_embeds=x + delta, **inputs, **targets).loss / self.steps
-            backward(loss)
-            total = total + loss.detach().float()
-            if step < self.steps - 1:
-                delta = self.ascend(delta, real)
-        return total, {}
+                loss = model(**batch).loss / steps
+                backward(loss)
+                total = loss.detach().float() if total is None else total + loss.detach().float()
+                if step < steps - 1:
+                    real = real_tokens(batch.get("attention_mask"), self._delta)
+                    self._delta = self.ascend(self._delta, real).requires_grad_(True)
+        finally:
+            self._in_step, self._delta = False, None
+        return total
+
+
+@dataclass
+class FreeLBConfig(MethodConfig):
+    """`freelb`: the task loss averaged over K adversarial ascent steps on the word embeddings."""
+
+    method = FreeLB
+    steps: int = hyperparameter("ascent steps K (1 with init_mag 0 is plain fine-tuning)", 3)
+    step_size: float = hyperparameter("ascent step size α", 0.1)
+    init_mag: float = hyperparameter("scale of δ₀ (0: start at δ₀ = 0)", 0.1)
+    max_norm: float = hyperparameter("bound on each example's ‖δ‖ (0: none)", 0.0)
+
+    def __post_init__(self):
+        self.steps = check_int("FreeLBConfig.steps", self.steps, 1)
+        self.step_size = check_real("FreeLBConfig.step_size", self.step_size)
+        self.init_mag = check_real("FreeLBConfig.init_mag", self.init_mag)
+        self.max_norm = check_real("FreeLBConfig.max_norm", self.max_norm)

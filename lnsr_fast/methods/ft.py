@@ -5,15 +5,11 @@ Source: Devlin et al., "BERT: Pre-training of Deep Bidirectional Transformers fo
 """
 from __future__ import annotations
 
-from torch import nn
+from dataclasses import dataclass
 
-from .base import Method
+from ..regularize import MethodConfig
 
 
-class FineTuning(Method):
-    """`ft`: the task loss as the model computes it from the batch's labels; no hyperparameters."""
-
-    name = "ft"
-
-    def __init__(self, model: nn.Module):
-        super().__init__(model)
+@dataclass
+class FTConfig(MethodConfig):
+    """`ft`: the task loss as the model computes it; no hyperparameters. Applied, the model runs unchanged."""

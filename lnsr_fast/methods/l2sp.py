@@ -1,5 +1,5 @@
 """L2-SP (`l2sp`): the task loss plus ½α‖w − w⁰‖² over the pretrained weights (w⁰: their values when the
-method is built) and ½β‖w‖² over the weights of the new head.
+method is applied) and ½β‖w‖² over the weights of the new head.
 
 Source: Li, Grandvalet and Davoine, "Explicit Inductive Bias for Transfer Learning with Convolutional
 Networks" (ICML 2018), eq. of L2-SP; defaults α = 0.1, β = 0.01 as in their experiments. Pretrained =
@@ -10,22 +10,23 @@ which an optimiser applies on top (set weight_decay = 0 for L2-SP alone).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
 from ..checks import check_real
-from .base import Method
+from ..regularize import Call, Method, MethodConfig
+from .base import hyperparameter
 
 
 class L2SP(Method):
-    """task loss + penalty_scale · (½α Σ‖w − w⁰‖² + ½β Σ‖w_head‖²); logs `task_loss` and `penalty`."""
+    """task loss + ½α Σ‖w − w⁰‖² + ½β Σ‖w_head‖²; logs `task_loss` and `penalty`."""
 
     name = "l2sp"
 
-    def __init__(self, model: nn.Module, alpha: float = 0.1, beta: float = 0.01):
-        super().__init__(model)
-        self.alpha = check_real("alpha", alpha)
-        self.beta = check_real("beta", beta)
+    def __init__(self, model: nn.Module, config: "L2SPConfig"):
+        super().__init__(model, config)
         base = getattr(model, "base_model", model)
         pretrained = {id(p) for p in base.parameters()} if base is not model else None
         self.anchors: list[tuple[nn.Parameter, torch.Tensor]] = []   # (w, w⁰)
@@ -40,13 +41,25 @@ class L2SP(Method):
 
     def penalty(self) -> torch.Tensor:
         """½α Σ‖w − w⁰‖² + ½β Σ‖w_head‖², a differentiable fp32 scalar."""
-        terms = [self.alpha / 2 * (w.float() - w0.to(w.device).float()).square().sum() for w, w0 in self.anchors]
-        terms += [self.beta / 2 * w.float().square().sum() for w in self.head]
+        alpha, beta = self.config.alpha, self.config.beta
+        terms = [alpha / 2 * (w.float() - w0.to(w.device).float()).square().sum() for w, w0 in self.anchors]
+        terms += [beta / 2 * w.float().square().sum() for w in self.head]
         return torch.stack(terms).sum()
 
-    def training_step(self, model, batch, backward, penalty_scale=1.0):
-        task = model(**batch).loss
-        penalty = penalty_scale * self.penalty()
-        loss = task + penalty
-        backward(loss)
-        return loss.detach(), {"task_loss": task.detach(), "penalty": penalty.detach()}
+    def forward(self, call: Call):
+        mode = call.watcher(None, pair=False)
+        out, _ = call.run(call.inputs, mode=mode)
+        return call.finish(out, self.penalty(), self.names, mode=mode)
+
+
+@dataclass
+class L2SPConfig(MethodConfig):
+    """`l2sp`: pull the pretrained weights towards their starting values and the head towards 0."""
+
+    method = L2SP
+    alpha: float = hyperparameter("α, the weight of ½‖w − w⁰‖² over the pretrained weights", 0.1)
+    beta: float = hyperparameter("β, the weight of ½‖w‖² over the new head's weights", 0.01)
+
+    def __post_init__(self):
+        self.alpha = check_real("L2SPConfig.alpha", self.alpha)
+        self.beta = check_real("L2SPConfig.beta", self.beta)

@@ -15,33 +15,27 @@ Bregman proximal-point optimiser (not in mt-dnn's adversarial training either) i
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
 from ..checks import check_choice, check_int, check_real
-from .base import EmbeddingMethod, kl_divergence, mse, real_tokens, symmetric_kl
+from ..regularize import Call, Method, MethodConfig
+from .base import hyperparameter, is_regression, kl_divergence, mse, real_tokens, symmetric_kl
 
 NORMS = ("inf", "l2")
 
 
-class SMART(EmbeddingMethod):
-    """task loss + weight · D_s(f(x), f(x + δ_adv)); logs `task_loss` and `penalty`.
-
-    steps: ascent steps K. step_size: η. noise_var: σ of the initial noise. epsilon: added to the norm in
-    the projection. norm: "inf" (per token ‖·‖_∞, mt-dnn's default) or "l2" (per token ‖·‖_2).
-    """
+class SMART(Method):
+    """task loss + weight · D_s(f(x), f(x + δ_adv)); logs `task_loss` and `penalty`. The ascent and the
+    perturbed passes run inside the model's forward, after the clean one."""
 
     name = "smart"
 
-    def __init__(self, model: nn.Module, weight: float = 1.0, steps: int = 1, step_size: float = 1e-3,
-                 noise_var: float = 1e-5, epsilon: float = 1e-6, norm: str = "inf"):
-        super().__init__(model)
-        self.weight = check_real("weight", weight)
-        self.steps = check_int("steps", steps, 1)
-        self.step_size = check_real("step_size", step_size, open_minimum=True)
-        self.noise_var = check_real("noise_var", noise_var, open_minimum=True)
-        self.epsilon = check_real("epsilon", epsilon, open_minimum=True)
-        self.norm = check_choice("norm", norm, NORMS)
+    def __init__(self, model: nn.Module, config: "SMARTConfig"):
+        super().__init__(model, config)
+        self.regression = is_regression(model)
 
     def divergence(self, clean: torch.Tensor, perturbed: torch.Tensor, attention_mask=None) -> torch.Tensor:
         """The regulariser D_s: symmetric KL of the logits (targets detached), or MSE for a regression head."""
@@ -50,34 +44,56 @@ class SMART(EmbeddingMethod):
         return symmetric_kl(clean, perturbed, attention_mask, detach_targets=True)
 
     def _project(self, v: torch.Tensor) -> torch.Tensor:
-        size = v.abs().amax(-1, keepdim=True) if self.norm == "inf" else v.norm(dim=-1, keepdim=True)
-        return v / (size + self.epsilon)
+        size = v.abs().amax(-1, keepdim=True) if self.config.norm == "inf" else v.norm(dim=-1, keepdim=True)
+        return v / (size + self.config.epsilon)
 
-    def adversarial_noise(self, x: torch.Tensor, clean_logits: torch.Tensor, inputs: dict) -> torch.Tensor:
-        """δ after `steps` ascent steps from σ·N(0, 1), detached (the passes run on the unwrapped model; only
-        δ's gradient is taken, so no parameter gradient is accumulated)."""
-        x, target = x.detach(), clean_logits.detach()
-        mask = inputs.get("attention_mask")
-        real = real_tokens(mask, x)
-        delta = torch.randn_like(x) * self.noise_var * real
-        for _ in range(self.steps):
+    def adversarial_noise(self, call: Call, x: torch.Tensor, clean_logits: torch.Tensor) -> torch.Tensor:
+        """δ after `steps` ascent steps from σ·N(0, 1), detached (only δ's gradient is taken, so no parameter
+        gradient is accumulated)."""
+        config, target, inputs = self.config, clean_logits.detach(), call.model_inputs()
+        real = real_tokens(call.mask, x)
+        delta = torch.randn_like(x) * config.noise_var * real
+        for _ in range(config.steps):
             delta.requires_grad_(True)
-            with torch.enable_grad():
-                logits = self.model(inputs_embeds=x + delta, **inputs).logits
-                ascent = mse(logits, target) if self.regression else kl_divergence(target, logits, mask)
-                with torch.autocast(x.device.type, enabled=False):   # autocast covers forward passes only
-                    (grad,) = torch.autograd.grad(ascent, delta)
+            logits = call.run(inputs, lambda ids, emb: emb.detach() + delta)[0]["logits"]
+            ascent = mse(logits, target) if self.regression else kl_divergence(target, logits, call.mask)
+            with torch.autocast(x.device.type, enabled=False):   # autocast covers forward passes only
+                (grad,) = torch.autograd.grad(ascent, delta)
             grad = torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0)
-            delta = self._project(delta.detach() + self.step_size * grad) * real
+            delta = self._project(delta.detach() + config.step_size * grad) * real
         return delta.detach()
 
-    def training_step(self, model, batch, backward, penalty_scale=1.0):
-        input_ids, given, inputs, targets = self.split(batch)
-        x = self.embed(input_ids, given)
-        clean = model(inputs_embeds=x, **inputs, **targets)
-        delta = self.adversarial_noise(x, clean.logits, inputs)
-        perturbed = model(inputs_embeds=x + delta, **inputs).logits
-        penalty = self.weight * penalty_scale * self.divergence(clean.logits, perturbed, inputs.get("attention_mask"))
-        loss = clean.loss + penalty
-        backward(loss)
-        return loss.detach(), {"task_loss": clean.loss.detach(), "penalty": penalty.detach()}
+    def forward(self, call: Call):
+        seen = {}
+
+        def keep(input_ids, x):
+            seen["x"] = x.detach()
+            return x
+
+        mode = call.watcher(None, pair=False)
+        clean, _ = call.run(call.inputs, keep, mode)
+        delta = self.adversarial_noise(call, seen["x"], clean["logits"])
+        perturbed = call.run(call.model_inputs(), lambda ids, x: x + delta)[0]["logits"]
+        penalty = self.config.weight * self.divergence(clean["logits"], perturbed, call.mask)
+        return call.finish(clean, penalty, self.names, mode=mode)
+
+
+@dataclass
+class SMARTConfig(MethodConfig):
+    """`smart`: adversarial smoothness term on the word embeddings."""
+
+    method = SMART
+    weight: float = hyperparameter("weight of the smoothness term (mt-dnn's adv_alpha)", 1.0)
+    steps: int = hyperparameter("ascent steps K (adv_k)", 1)
+    step_size: float = hyperparameter("ascent step size η", 1e-3)
+    noise_var: float = hyperparameter("σ of the initial noise", 1e-5)
+    epsilon: float = hyperparameter("added to the norm in the projection", 1e-6)
+    norm: str = hyperparameter("per-token norm of the projection: 'inf' (mt-dnn's default) or 'l2'", "inf")
+
+    def __post_init__(self):
+        self.weight = check_real("SMARTConfig.weight", self.weight)
+        self.steps = check_int("SMARTConfig.steps", self.steps, 1)
+        self.step_size = check_real("SMARTConfig.step_size", self.step_size, open_minimum=True)
+        self.noise_var = check_real("SMARTConfig.noise_var", self.noise_var, open_minimum=True)
+        self.epsilon = check_real("SMARTConfig.epsilon", self.epsilon, open_minimum=True)
+        check_choice("SMARTConfig.norm", self.norm, NORMS)
