@@ -1,8 +1,8 @@
-"""Cost of drawing LNSR noise for one batch (the ε of DESIGN.md §1), per variant, against the bytes floor.
+"""Cost of drawing LNSR noise for one batch (the ε of docs/design.md §1), per variant, against the bytes floor.
 
 Times are the GPU's (common.measure_kernels: the launch queue kept busy), with the memory each variant
 allocates. Variants: every kernel backend the device runs, through the package's samplers (`gaussian_<backend>`,
-`in_manifold_<backend>`), and the plain-PyTorch ways of DESIGN.md §5: a kNN search per step (what the
+`in_manifold_<backend>`), and the plain-PyTorch ways of docs/design.md §5: a kNN search per step (what the
 paper does instead of a table), the one-off neighbour-table build, and per step a table gather followed
 by `torch.linalg.qr`, by the modified Gram–Schmidt loop of kernels/reference.py, or by a projection
 solve (a Gaussian projected onto the neighbour span through the normal equations). The floor is reading

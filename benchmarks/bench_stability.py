@@ -1,4 +1,4 @@
-"""Cost of the stability penalty Σ_r λ_r‖h_r − h̃_r‖² over all layers (the `reg` of DESIGN.md §1), forward
+"""Cost of the stability penalty Σ_r λ_r‖h_r − h̃_r‖² over all layers (the `reg` of docs/design.md §1), forward
 and backward, per variant, against the bytes floor — measured the way a concat-mode step uses it.
 
 Each layer's hidden state is one [2B, T, d] tensor computed from a parameter (as a layer output is), its

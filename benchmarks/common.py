@@ -1,4 +1,4 @@
-"""What every benchmark of the LNSR step shares (DESIGN.md §5–§6): timing (median and 20/80 percentiles:
+"""What every benchmark of the LNSR step shares (docs/design.md §5–§6): timing (median and 20/80 percentiles:
 wall clock per call, or on a GPU the kernels' own time with the launch queue kept busy), the copy
 bandwidth behind the bytes floors, the kernel backends worth timing on a device, the results folder (a
 temporary one for --quick runs) and rows appended to one CSV per card (benchmarks/render.py turns it into

@@ -3,7 +3,7 @@
 # builds the CUDA extension for this card where nvcc is present (else says so and checks Triton and torch
 # only), runs the kernel tests on the GPU, compute-sanitizer's memcheck and racecheck on the in-manifold,
 # Gaussian and stability kernels where the tool is present, the kernel benchmarks (every backend against the
-# plain-PyTorch variants of DESIGN.md §5 and the bytes floor) and the LNSR step at B=32, then DESIGN.md §6's
+# plain-PyTorch variants of docs/design.md §5 and the bytes floor) and the LNSR step at B=32, then docs/design.md §6's
 # targets. A failing step never stops the run: the failures are listed at the end (exit status 1). CSV,
 # markdown, PNG and this run's log go to $RESULTS (benchmarks/results/), tagged with the card's name.
 # Without a GPU it is a dry run: no build, the tests with the Triton interpreter, the benchmarks with

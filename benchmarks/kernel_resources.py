@@ -1,5 +1,5 @@
 """Registers, spills, shared memory and SASS instruction count of every kernel configuration dispatch can
-choose (DESIGN.md §6: no spills up to d = 8192, k = 32), without a GPU. Exit status 1 on any spill.
+choose (docs/design.md §6: no spills up to d = 8192, k = 32), without a GPU. Exit status 1 on any spill.
 
     python benchmarks/kernel_resources.py triton [--archs 80,90] [--results DIR]
     python benchmarks/kernel_resources.py cuda BUILD_LOG EXTENSION.so [--results DIR]

@@ -2,7 +2,7 @@
 PNG plot each, showing the latest measurement of every case. Each benchmark calls it at its end.
 
     python benchmarks/render.py [results folder or CSV files...]
-    python benchmarks/render.py --targets [results folder or CSV files...]   # DESIGN.md §6, printed
+    python benchmarks/render.py --targets [results folder or CSV files...]   # docs/design.md §6, printed
 """
 from __future__ import annotations
 
@@ -164,12 +164,12 @@ def _fastest_kernel(rows: list[dict], prefix: str, **match) -> dict | None:
 
 
 def targets(paths) -> str:
-    """DESIGN.md §6's performance targets against the latest measurements, as a markdown table."""
+    """docs/design.md §6's performance targets against the latest measurements, as a markdown table."""
     by_name: dict[str, list[dict]] = {}
     for path in paths:
         name, rows = latest_rows(Path(path))
         by_name.setdefault(name, []).extend(rows)
-    lines = ["| target (DESIGN.md §6) | case | measured | goal |", "|---|---|---|---|"]
+    lines = ["| target (docs/design.md §6) | case | measured | goal |", "|---|---|---|---|"]
     for r in by_name.get("noise", []):
         if r["variant"] != "bytes_floor":
             continue
@@ -221,7 +221,7 @@ def _csv_paths(args_paths) -> list[Path]:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("paths", nargs="*", default=[str(RESULTS)], help="CSV files or folders of them (default: %(default)s)")
-    p.add_argument("--targets", action="store_true", help="print DESIGN.md §6's targets against the latest rows")
+    p.add_argument("--targets", action="store_true", help="print docs/design.md §6's targets against the latest rows")
     args = p.parse_args(argv)
     paths = _csv_paths(args.paths)
     if args.targets:

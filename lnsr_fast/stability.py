@@ -1,4 +1,4 @@
-"""The layer-wise stability penalty Σ_r λ_r ‖h_r(x+ε) − h_r(x)‖² (eq. 11; DESIGN.md §1–§2)."""
+"""The layer-wise stability penalty Σ_r λ_r ‖h_r(x+ε) − h_r(x)‖² (eq. 11; docs/design.md §1–§2)."""
 from __future__ import annotations
 
 import math

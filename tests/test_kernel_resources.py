@@ -1,4 +1,4 @@
-"""DESIGN.md §6's static target, checked without a GPU: every Triton kernel configuration dispatch can
+"""docs/design.md §6's static target, checked without a GPU: every Triton kernel configuration dispatch can
 choose, compiled for sm_80 and sm_90 with Triton's own compiler and bundled ptxas, has no spills
 (benchmarks/kernel_resources.py; `make cuda-compile` checks the CUDA kernels' ptxas report the same way),
 and the check itself fails on a report that shows one."""

@@ -1,4 +1,4 @@
-"""The Triton backend of the LNSR ops (DESIGN.md §1) against the float64 reference, forward and backward.
+"""The Triton backend of the LNSR ops (docs/design.md §1) against the float64 reference, forward and backward.
 Without a GPU the kernels run under TRITON_INTERPRET=1 (set in conftest.py); the same tests run on a GPU."""
 from __future__ import annotations
 

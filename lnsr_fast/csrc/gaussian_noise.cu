@@ -1,4 +1,4 @@
-// Standard LNSR noise (DESIGN.md §1) in one kernel: per token, a Gaussian draw rescaled to ratio·‖x_t‖,
+// Standard LNSR noise (docs/design.md §1) in one kernel: per token, a Gaussian draw rescaled to ratio·‖x_t‖,
 // 0 at padding — one read of x, one write of ε; the draws stay in registers between the two.
 #include <cfloat>
 

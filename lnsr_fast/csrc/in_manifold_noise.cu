@@ -1,4 +1,4 @@
-// In-manifold LNSR noise (DESIGN.md §1–§2) in one kernel, one thread block per token: a pass over the k
+// In-manifold LNSR noise (docs/design.md §1–§2) in one kernel, one thread block per token: a pass over the k
 // neighbour rows accumulates the Gram matrix G = D Dᵀ of the differences d_j = e_j − x_t in fp64 on the
 // tensor cores (products of fp32 values are exact there, so the rank test resolves residuals far below
 // fp32's √eps); one warp factors G = RᵀR (Cholesky, row by row, with the reference's rank test: R_jj is the

@@ -1,4 +1,4 @@
-// Layer-wise stability penalty Σ_r w_r · mean_t ‖h_r,t − h̃_r,t‖² (eq. 11; DESIGN.md §1–§2) and its
+// Layer-wise stability penalty Σ_r w_r · mean_t ‖h_r,t − h̃_r,t‖² (eq. 11; docs/design.md §1–§2) and its
 // gradient, each in one launch over all layers, reading the clean and noisy halves where they lie.
 #include "device_utils.cuh"
 #include "lnsr_kernels.h"

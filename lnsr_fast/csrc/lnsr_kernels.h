@@ -1,4 +1,4 @@
-// Host-side interface of the CUDA kernels of one LNSR step (DESIGN.md §1): the argument structs that
+// Host-side interface of the CUDA kernels of one LNSR step (docs/design.md §1): the argument structs that
 // bindings.cpp fills from checked tensors and the kernels take by value, and the launchers.
 #pragma once
 

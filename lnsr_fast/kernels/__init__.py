@@ -1,4 +1,4 @@
-"""Compute backends of the LNSR step (DESIGN.md §1): `torch` (plain PyTorch, kernels/reference.py, the
+"""Compute backends of the LNSR step (docs/design.md §1): `torch` (plain PyTorch, kernels/reference.py, the
 oracle of every other backend), `triton` (kernels/triton/) and `cuda` (lnsr_fast/csrc/, loaded by kernels/cuda.py).
 
 The ops are registered with torch.library in kernels/ops.py; this module says which ops each backend

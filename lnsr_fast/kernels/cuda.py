@@ -1,4 +1,4 @@
-"""The CUDA C++ backend of the LNSR ops (DESIGN.md §1): the extension lnsr_fast._C built from
+"""The CUDA C++ backend of the LNSR ops (docs/design.md §1): the extension lnsr_fast._C built from
 lnsr_fast/csrc/, and its kernels as plain functions with the Triton modules' arguments.
 
 Where the extension was not built at install time (pip's build isolation hides the installed torch from

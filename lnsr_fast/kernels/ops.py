@@ -1,4 +1,4 @@
-"""The ops of one LNSR step (DESIGN.md §1) registered with torch.library: each runs the backend its
+"""The ops of one LNSR step (docs/design.md §1) registered with torch.library: each runs the backend its
 `backend` argument names (resolved per op by kernels.resolve_backend), and has a fake implementation
 whose outputs have the real ones' shapes, dtypes and (contiguous) strides, so torch.compile traces
 through them without graph breaks. Arguments are validated by the callers (noise.py, stability.py);

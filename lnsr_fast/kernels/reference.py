@@ -1,4 +1,4 @@
-"""Plain-PyTorch definitions of the ops in one LNSR step (DESIGN.md §1).
+"""Plain-PyTorch definitions of the ops in one LNSR step (docs/design.md §1).
 
 They are the documentation of what every faster backend computes and the oracle its tests compare
 against, so they favour clarity over speed. All arithmetic is fp32 (or float64 when given float64);

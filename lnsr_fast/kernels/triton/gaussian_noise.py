@@ -1,4 +1,4 @@
-"""Triton kernel of standard LNSR noise (DESIGN.md §1, ε = noise(...)): a Gaussian draw rescaled per
+"""Triton kernel of standard LNSR noise (docs/design.md §1, ε = noise(...)): a Gaussian draw rescaled per
 token to ratio·‖x_t‖, 0 at padding — one read of x, one write of ε."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Triton kernel of in-manifold LNSR noise (DESIGN.md §1–§2, ε = noise(...)), one program per token:
+"""Triton kernel of in-manifold LNSR noise (docs/design.md §1–§2, ε = noise(...)), one program per token:
 a pass over its k neighbour rows accumulates the Gram matrix of the differences to x_t in fp64 (on the
 tensor cores), a Cholesky factorisation with the reference's rank test gives the Gram–Schmidt factor R,
 and a second pass writes ε = Σ_j c_j (e_j − x_t) with c = R⁻¹z — the reference's Σ_j z_j q_j."""

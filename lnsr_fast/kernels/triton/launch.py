@@ -1,4 +1,4 @@
-"""Launch settings of the Triton kernels of the LNSR step (DESIGN.md §1): a few fixed tiles that loop over
+"""Launch settings of the Triton kernels of the LNSR step (docs/design.md §1): a few fixed tiles that loop over
 the row width, so that every configuration dispatch can choose is compiled and checked for spills
 (tests/test_kernel_resources.py), and the limits of what the kernels take (kernels.LIMITS)."""
 from __future__ import annotations

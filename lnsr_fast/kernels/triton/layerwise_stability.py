@@ -1,4 +1,4 @@
-"""Triton kernels of the layer-wise stability penalty (DESIGN.md §1, reg = Σ_r λ_r·D(h_r[:B], h_r[B:])):
+"""Triton kernels of the layer-wise stability penalty (docs/design.md §1, reg = Σ_r λ_r·D(h_r[:B], h_r[B:])):
 one launch over up to GROUP layers for the forward and one for the backward, reading the clean and noisy
 rows where they lie (views of one concat-mode tensor are fine) and writing each gradient in place."""
 from __future__ import annotations
