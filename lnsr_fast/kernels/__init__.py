@@ -81,8 +81,8 @@ def _beyond_limits(op: str, backend: str, sizes: dict) -> str:
 def check_supported(op: str, backend: str, device, *, d: int, k: int | None = None) -> None:
     """ValueError, naming the size, the limit and the backend, when `backend` cannot run `op` with rows
     of width d (and k neighbours per token). For "auto" it checks the backend auto takes on `device`,
-    which always fits: auto passes over a backend that cannot take the sizes. Availability is not
-    checked (a module built on the CPU may run on a GPU later); resolve_backend checks it at the call."""
+    which always fits: auto passes over a backend that cannot take the sizes. Availability on `device`
+    is not checked (a module built on the CPU may run on a GPU later); resolve_backend checks it per call."""
     check_choice("op", op, OPS)
     check_choice("backend", backend, BACKENDS)
     if backend != "auto":
@@ -110,7 +110,8 @@ def resolve_backend(backend: str, device, dtype: torch.dtype | None = None, op: 
         if device.type != "cuda":  # the Triton interpreter is a test vehicle, not a CPU backend
             return "torch"
         # Lazily, in order: a backend after the one taken is never loaded (nor compiled, for `cuda`).
-        return next(b for b in AUTO_ORDER[ops[0]] if not any(_beyond_limits(o, b, sizes) for o in ops) and _runs_on(b, device))
+        return next(b for b in AUTO_ORDER[ops[0]]
+                    if not any(_beyond_limits(o, b, sizes) for o in ops) and _runs_on(b, device))
     for o in ops:
         why = _beyond_limits(o, backend, sizes)
         if why:
