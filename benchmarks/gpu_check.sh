@@ -31,7 +31,8 @@ else
     quick=(--quick)
 fi
 mkdir -p "$RESULTS"
-tag=$(cd benchmarks && "$PYTHON" -c "import torch, common; print(common.device_tag(torch.device('cuda' if torch.cuda.is_available() else 'cpu')))")
+tag=$("$PYTHON" -c "import sys, torch; sys.path.insert(0, 'benchmarks'); import common
+print(common.device_tag(torch.device('cuda' if torch.cuda.is_available() else 'cpu')))")
 exec > >(tee "$RESULTS/gpu_check_$tag.log") 2>&1
 
 if [ $gpu = 0 ]; then
