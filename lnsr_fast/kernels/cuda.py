@@ -32,10 +32,10 @@ def _build_reason() -> str:
         return "LNSR_FAST_CUDA=0 turns the CUDA extension off"
     if torch.version.cuda is None:
         return f"torch {torch.__version__} is a CPU build"
-    from torch.utils.cpp_extension import CUDA_HOME
+    from torch.utils.cpp_extension import CUDA_HOME, is_ninja_available
     if CUDA_HOME is None or shutil.which("nvcc", path=os.path.join(CUDA_HOME, "bin")) is None:
         return "no CUDA toolkit (nvcc) found; set CUDA_HOME to one"
-    if shutil.which("ninja") is None:
+    if not is_ninja_available():
         return "ninja is not installed (pip install ninja)"
     return ""
 
