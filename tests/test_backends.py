@@ -409,3 +409,18 @@ def test_split_penalty_writes_only_the_gradients_required(backend):
     for g, r in zip(grads, ref_grads):
         _assert_close_to_reference(g[:3], r[:3], torch.float32, "clean side")
         assert (g[3:] == 0).all()
+
+
+def test_torch_backend_generators_are_per_thread():
+    """A sampler drawing in another thread has its own generator: it cannot reseed this thread's between
+    its seeding and its draw (the same seed still gives the same noise there)."""
+    import threading
+
+    cpu, x = torch.device("cpu"), torch.randn(8, 16)
+    mine, theirs = ops._generator(cpu, 0), []
+    thread = threading.Thread(target=lambda: theirs.append((ops._generator(cpu, 0),
+                                                             ops.gaussian_noise(x, None, 0.05, 3, "torch"))))
+    thread.start()
+    thread.join()
+    assert theirs[0][0] is not mine and ops._generator(cpu, 0) is mine
+    assert torch.equal(theirs[0][1], ops.gaussian_noise(x, None, 0.05, 3, "torch"))

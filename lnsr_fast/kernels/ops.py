@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import threading
 from typing import Optional
 
 import torch
@@ -15,13 +16,16 @@ from torch import Tensor
 
 from . import LIMITS, reference
 
-_GENERATORS: dict[torch.device, torch.Generator] = {}
+# The torch backend's generators, one per device and thread: samplers drawing in two threads at once never
+# reseed each other's generator between its seeding and its draw.
+_GENERATORS = threading.local()
 
 
 def _generator(device: torch.device, seed: int) -> torch.Generator:
-    gen = _GENERATORS.get(device)
+    generators = _GENERATORS.__dict__.setdefault("by_device", {})
+    gen = generators.get(device)
     if gen is None:
-        gen = _GENERATORS[device] = torch.Generator(device=device)
+        gen = generators[device] = torch.Generator(device=device)
     gen.manual_seed(seed)
     return gen
 
