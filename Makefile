@@ -54,10 +54,12 @@ reproduce: install
 bench-quick: install
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q benchmarks/test_bench_quick.py --benchmark-only $(PYTEST_ARGS)
 
-# `make cuda-compile` builds the CUDA extension (csrc/) against a CUDA build of torch in its own venv
-# (pinned; pip takes it from local disk), into build/cuda rather than the package, which the CPU .venv
-# must never import; then checks its bindings and argument checks (and its results where a GPU is
-# present). No GPU is needed: CI runs it so that a CUDA compile error fails the build.
+# `make cuda-compile` builds the CUDA extension (lnsr_fast/csrc/) against a CUDA build of torch in its own
+# venv (pinned; pip takes it from local disk), into build/cuda rather than the package, which the CPU .venv
+# must never import, for setup.py's architectures (8.0, 9.0, 10.0 + PTX); fails on any register spill in
+# ptxas's report (build/cuda/kernel_resources_cuda.md lists registers, spills and instructions per
+# kernel); then checks its bindings and argument checks (and its results where a GPU is present). No GPU
+# is needed: CI runs it so that a CUDA compile error or a spill fails the build.
 CUDA_VENV  ?= .venv-cuda
 CUDA_TORCH ?= torch==2.14.1
 CUDA_HOME  ?= /usr/local/cuda
@@ -71,9 +73,23 @@ $(CUDA_VENV)/.installed:
 
 .PHONY: cuda-compile
 cuda-compile: $(CUDA_VENV)/.installed
-	PATH="$(CURDIR)/$(CUDA_VENV)/bin:$$PATH" CUDA_HOME=$(CUDA_HOME) TORCH_CUDA_ARCH_LIST="8.0;9.0" LNSR_FAST_CUDA=1 \
-		$(CUDA_VENV)/bin/python setup.py --quiet build_ext --build-lib $(CUDA_BUILD) --build-temp $(CUDA_BUILD)/temp
+	rm -rf $(CUDA_BUILD)/temp  # a full build: ptxas reports only what it compiles
+	mkdir -p $(CUDA_BUILD)
+	PATH="$(CURDIR)/$(CUDA_VENV)/bin:$$PATH" CUDA_HOME=$(CUDA_HOME) LNSR_FAST_CUDA=1 LNSR_FAST_NVCC_FLAGS="-Xptxas -v" \
+		$(CUDA_VENV)/bin/python setup.py --quiet build_ext --build-lib $(CUDA_BUILD) \
+		--build-temp $(CUDA_BUILD)/temp > $(CUDA_BUILD)/build.log 2>&1 || (tail -n 60 $(CUDA_BUILD)/build.log; exit 1)
+	$(CUDA_VENV)/bin/python benchmarks/kernel_resources.py cuda $(CUDA_BUILD)/build.log \
+		$(CUDA_BUILD)/lnsr_fast/_C.*.so --results $(CUDA_BUILD)
 	LNSR_FAST_CUDA_BUILD=$(CUDA_BUILD) $(CUDA_VENV)/bin/python -m pytest -q tests/test_cuda_extension.py
+
+# Registers, spills and instruction counts of every kernel configuration into benchmarks/results/ (Triton
+# compiled offline for sm_80 and sm_90; the CUDA extension as `make cuda-compile` built it): commit them
+# with a kernel change, so that one that bloats a kernel shows.
+.PHONY: kernel-resources
+kernel-resources: install cuda-compile
+	$(BIN)/python benchmarks/kernel_resources.py triton
+	$(CUDA_VENV)/bin/python benchmarks/kernel_resources.py cuda $(CUDA_BUILD)/build.log \
+		$(CUDA_BUILD)/lnsr_fast/_C.*.so
 
 # On a machine with an NVIDIA GPU and a CUDA build of torch (python3 by default; PYTHON=... to change):
 # build, GPU tests, kernel benchmarks, targets last. Without a GPU: a dry run (see the script).

@@ -1,10 +1,15 @@
 """Build script. The metadata lives in pyproject.toml; this file adds the CUDA extension lnsr_fast._C
-(csrc/) where nvcc and a CUDA build of torch are present, and says what it built or skipped and why."""
+(lnsr_fast/csrc/) where nvcc and a CUDA build of torch are present, and says what it built or skipped and
+why. Where it is skipped (pip's build isolation hides the installed torch), lnsr_fast/kernels/cuda.py
+compiles the same sources on first use."""
+import glob
 import os
 
 from setuptools import setup
 
-DEFAULT_ARCHS = "8.0;9.0+PTX"  # A100, H100; the PTX lets newer GPUs compile it at load time
+# A100, H100, B200; the PTX lets newer GPUs compile it at load time. The in-manifold kernel needs 8.0+
+# (fp64 tensor cores). `make cuda-compile` builds with this default too.
+DEFAULT_ARCHS = "8.0;9.0;10.0+PTX"
 
 
 def cuda_extension() -> dict:
@@ -30,13 +35,15 @@ def cuda_extension() -> dict:
     print(f"lnsr_fast: building the CUDA extension lnsr_fast._C for torch {torch.__version__} with {CUDA_HOME}, "
           f"architectures {archs}")
     here = os.path.dirname(os.path.abspath(__file__))
+    sources = "lnsr_fast/csrc"
     extension = CUDAExtension(
         "lnsr_fast._C",
-        ["csrc/bindings.cpp", "csrc/in_manifold_noise.cu", "csrc/layerwise_stability.cu"],
-        include_dirs=[os.path.join(here, "csrc")],
-        depends=["csrc/lnsr_kernels.h", "csrc/device_utils.cuh"],
-        # No --use_fast_math: the norms, the Gram–Schmidt divisions and the Box–Muller draws stay IEEE.
-        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3"]},
+        sorted(glob.glob(f"{sources}/*.cpp") + glob.glob(f"{sources}/*.cu")),
+        include_dirs=[os.path.join(here, sources)],
+        depends=glob.glob(f"{sources}/*.h") + glob.glob(f"{sources}/*.cuh"),
+        # No --use_fast_math: the norms, the factorisation and the Box–Muller draws stay IEEE. LNSR_FAST_NVCC_FLAGS
+        # adds flags (`make cuda-compile`: -Xptxas -v, whose report it checks for spills).
+        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", *os.environ.get("LNSR_FAST_NVCC_FLAGS", "").split()]},
     )
     return {"ext_modules": [extension], "cmdclass": {"build_ext": BuildExtension}}
 

@@ -1,7 +1,8 @@
-"""Cost of drawing LNSR noise for one batch (the ε of DESIGN.md §1), per variant, against the bytes floor.
+"""Cost of drawing LNSR noise for one batch (the ε of docs/design.md §1), per variant, against the bytes floor.
 
-Variants: every kernel backend the device runs, through the package's samplers (`gaussian_<backend>`,
-`in_manifold_<backend>`), and the plain-PyTorch ways of DESIGN.md §5: a kNN search per step (what the
+Times are the GPU's (common.measure_kernels: the launch queue kept busy), with the memory each variant
+allocates. Variants: every kernel backend the device runs, through the package's samplers (`gaussian_<backend>`,
+`in_manifold_<backend>`), and the plain-PyTorch ways of docs/design.md §5: a kNN search per step (what the
 paper does instead of a table), the one-off neighbour-table build, and per step a table gather followed
 by `torch.linalg.qr`, by the modified Gram–Schmidt loop of kernels/reference.py, or by a projection
 solve (a Gaussian projected onto the neighbour span through the normal equations). The floor is reading
@@ -18,7 +19,7 @@ import torch
 
 import lnsr_fast as lf
 from lnsr_fast.kernels import reference
-from common import kernel_parser, kernel_setup, measure, sync, write_results
+from common import kernel_parser, kernel_setup, measure_kernels, results_folder, sync, write_results
 from render import render
 
 # Vocabulary × width of the word embeddings.
@@ -85,14 +86,16 @@ def main(argv=None) -> None:
         sync(device)
         build_ms = (time.perf_counter() - t) * 1e3
         floor_ms = (args.k + 2) * n * dim * x.element_size() / bandwidth * 1e3
-        timings = {variant: measure(fn, device, reps=reps)
+        timings = {variant: measure_kernels(fn, device, reps=reps)
                    for variant, fn in noise_variants(weight, table, ids, x, args.k, backends).items()}
-        timings.update(table_build_once=(build_ms,) * 3, bytes_floor=(floor_ms,) * 3)
-        for variant, (median, p20, p80) in timings.items():
+        timings.update({name: {"median_ms": ms, "p20_ms": ms, "p80_ms": ms, "peak_mib": ""}
+                        for name, ms in (("table_build_once", build_ms), ("bytes_floor", floor_ms))})
+        for variant, t in timings.items():
             rows.append({"variant": variant, "size": f"{vocab}x{dim}", "tokens": n, "k": args.k, "dtype": "float32",
-                         "median_ms": median, "p20_ms": p20, "p80_ms": p80, "x_floor": median / floor_ms})
-            print(f"{size} {vocab}x{dim} {variant}: {median:.4g} ms ({median / floor_ms:.3g}x floor)", flush=True)
-    md = render(write_results("noise", rows, device, args.results))
+                         **t, "x_floor": t["median_ms"] / floor_ms})
+            print(f"{size} {vocab}x{dim} {variant}: {t['median_ms']:.4g} ms ({t['median_ms'] / floor_ms:.3g}x floor)",
+                  flush=True)
+    md = render(write_results("noise", rows, device, results_folder(args.results, args.quick)))
     print(md.read_text())
 
 

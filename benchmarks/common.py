@@ -1,6 +1,8 @@
-"""What every benchmark of the LNSR step shares (DESIGN.md §5–§6): timing (median and 20/80 percentiles,
-CUDA events on a GPU), the copy bandwidth behind the bytes floors, the kernel backends worth timing on a
-device, and rows appended to one CSV per card (benchmarks/render.py turns it into markdown and plots)."""
+"""What every benchmark of the LNSR step shares (docs/design.md §5–§6): timing (median and 20/80 percentiles:
+wall clock per call, or on a GPU the kernels' own time with the launch queue kept busy), the copy
+bandwidth behind the bytes floors, the kernel backends worth timing on a device, the results folder (a
+temporary one for --quick runs) and rows appended to one CSV per card (benchmarks/render.py turns it into
+markdown and plots)."""
 from __future__ import annotations
 
 import argparse
@@ -8,6 +10,7 @@ import csv
 import platform
 import re
 import statistics
+import tempfile
 import time
 from importlib import metadata
 from pathlib import Path
@@ -39,7 +42,8 @@ def sync(device: torch.device) -> None:
 
 
 def measure(fn, device: torch.device, warmup: int = 2, reps: int = 10) -> tuple[float, float, float]:
-    """(median, p20, p80) of fn's time in milliseconds over `reps` calls after `warmup` calls."""
+    """(median, p20, p80) of fn's wall-clock time in milliseconds over `reps` calls after `warmup` calls
+    (on a GPU from CUDA events around the call, host included: a training step's time)."""
     for _ in range(warmup):
         fn()
     times = []
@@ -55,16 +59,71 @@ def measure(fn, device: torch.device, warmup: int = 2, reps: int = 10) -> tuple[
             t = time.perf_counter()
             fn()
             times.append((time.perf_counter() - t) * 1e3)
+    return _quantiles(times)
+
+
+def _quantiles(times: list[float]) -> tuple[float, float, float]:
     # "inclusive": interpolate between measured times; the default method extrapolates past them.
     q = statistics.quantiles(times, n=10, method="inclusive") if len(times) > 1 else times * 9
     return statistics.median(times), q[1], q[7]
+
+
+_SPIN_CYCLES_PER_MS: dict[torch.device, float] = {}
+
+
+def _spin_cycles_per_ms(device: torch.device) -> float:
+    """GPU clock cycles per millisecond of torch.cuda._sleep, measured once per device."""
+    if device not in _SPIN_CYCLES_PER_MS:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda._sleep(1000)  # warm up
+        start.record()
+        torch.cuda._sleep(10**7)
+        end.record()
+        torch.cuda.synchronize(device)
+        _SPIN_CYCLES_PER_MS[device] = 10**7 / start.elapsed_time(end)
+    return _SPIN_CYCLES_PER_MS[device]
+
+
+def measure_kernels(fn, device: torch.device, warmup: int = 2, reps: int = 10) -> dict:
+    """median_ms, p20_ms, p80_ms of fn's time and peak_mib, the memory fn allocates beyond what is
+    allocated before it (GPU; blank on the CPU, where wall clock is measured as by `measure`).
+
+    On a GPU the time is the kernels' own, not Python's: before each call a spin kernel is queued, long
+    enough (twice fn's host time) that fn's launches are all queued behind it before the start event is
+    reached, so dispatch and launch latency fall outside the events. fn must not synchronise the host.
+    """
+    if device.type != "cuda":
+        median, p20, p80 = measure(fn, device, warmup, reps)
+        return {"median_ms": median, "p20_ms": p20, "p80_ms": p80, "peak_mib": ""}
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize(device)
+    host = time.perf_counter()
+    fn()
+    host_ms = (time.perf_counter() - host) * 1e3
+    torch.cuda.synchronize(device)
+    spin = int(max(2 * host_ms, 0.05) * _spin_cycles_per_ms(device))
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda._sleep(spin)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize(device)
+        times.append(start.elapsed_time(end))
+    median, p20, p80 = _quantiles(times)
+    peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    return {"median_ms": median, "p20_ms": p20, "p80_ms": p80, "peak_mib": peak}
 
 
 def copy_bandwidth(device: torch.device) -> float:
     """Bytes per second of a large device copy (read + write): the rate the bytes floors assume."""
     src = torch.empty(64 * 2**20 // 4, device=device)
     dst = torch.empty_like(src)
-    median, _, _ = measure(lambda: dst.copy_(src), device)
+    median = measure_kernels(lambda: dst.copy_(src), device)["median_ms"]
     return 2 * src.numel() * 4 / (median / 1e3)
 
 
@@ -84,8 +143,21 @@ def kernel_parser(doc: str, sizes: dict) -> argparse.ArgumentParser:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--sizes", default=None, help=f"comma-separated, of {sorted(sizes)} (default: all; tiny with --quick)")
     p.add_argument("--reps", type=int, default=None, help="timed calls per variant (default 20; 3 with --quick)")
-    p.add_argument("--results", default=str(RESULTS), help="folder for the CSV, markdown and PNG (default: %(default)s)")
+    p.add_argument("--results", default=None, help=f"folder for the CSV, markdown and PNG (default: {RESULTS}; a new "
+                                                   "temporary folder with --quick)")
     return p
+
+
+def results_folder(results: str | None, quick: bool) -> Path:
+    """Where a benchmark writes: `results` if given, else a new temporary folder for a --quick run (its
+    smoke-size rows must never reach the committed tables), else benchmarks/results/."""
+    if results is not None:
+        return Path(results)
+    if quick:
+        folder = Path(tempfile.mkdtemp(prefix="lnsr_fast_quick_"))
+        print(f"--quick: writing to {folder}", flush=True)
+        return folder
+    return RESULTS
 
 
 def kernel_setup(args, sizes: dict, quick_sizes: dict) -> tuple[torch.device, dict, int, list[str], float]:

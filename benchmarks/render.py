@@ -2,7 +2,7 @@
 PNG plot each, showing the latest measurement of every case. Each benchmark calls it at its end.
 
     python benchmarks/render.py [results folder or CSV files...]
-    python benchmarks/render.py --targets [results folder or CSV files...]   # DESIGN.md §6, printed
+    python benchmarks/render.py --targets [results folder or CSV files...]   # docs/design.md §6, printed
 """
 from __future__ import annotations
 
@@ -63,7 +63,9 @@ def _cell(name: str, row: dict) -> str:
     if p20 is not None and p80 is not None and p20 != p80:
         text += f" [{p20:.3g}–{p80:.3g}]"
     floor = _number(row.get("x_floor"))
-    return text + (f", {floor:.3g}× floor" if floor is not None and row.get("variant") != "bytes_floor" else "")
+    text += f", {floor:.3g}× floor" if floor is not None and row.get("variant") != "bytes_floor" else ""
+    peak = _number(row.get("peak_mib"))
+    return text + (f", {peak:.4g} MiB" if peak is not None else "")
 
 
 def markdown(name: str, rows: list[dict]) -> str:
@@ -77,9 +79,10 @@ def markdown(name: str, rows: list[dict]) -> str:
     software = "; ".join(f"{v} {', '.join(sorted({r.get(v) or '-' for r in rows}))}" for v in VERSIONS)
     what = {"step": "time per optimizer step ÷ plain fine-tuning (FT) of the same run, median time, peak "
                     "memory allocated (GPU only; blank on the CPU)",
-            "noise": "noise for one batch, median [p20–p80] and multiple of the bytes floor",
-            "stability": "stability penalty over all layers, forward + backward, median [p20–p80] and "
-                         "multiple of the bytes floor"}[name]
+            "noise": "noise for one batch, median [p20–p80] GPU time, multiple of the bytes floor and memory "
+                     "allocated (GPU only)",
+            "stability": "stability penalty over all layers, forward + backward as a concat-mode step uses it, "
+                         "median [p20–p80] GPU time, multiple of the bytes floor and memory allocated (GPU only)"}[name]
     lines = [f"# {name} on {', '.join(devices)}", "", f"{what}. Latest measurement of each case; "
              f"runs {runs[0]} to {runs[-1]}; {software}.", "",
              "| " + " | ".join([" ".join(spec["rows"]), *col_labels]) + " |", "|---" * (len(col_labels) + 1) + "|"]
@@ -161,12 +164,12 @@ def _fastest_kernel(rows: list[dict], prefix: str, **match) -> dict | None:
 
 
 def targets(paths) -> str:
-    """DESIGN.md §6's performance targets against the latest measurements, as a markdown table."""
+    """docs/design.md §6's performance targets against the latest measurements, as a markdown table."""
     by_name: dict[str, list[dict]] = {}
     for path in paths:
         name, rows = latest_rows(Path(path))
         by_name.setdefault(name, []).extend(rows)
-    lines = ["| target (DESIGN.md §6) | case | measured | goal |", "|---|---|---|---|"]
+    lines = ["| target (docs/design.md §6) | case | measured | goal |", "|---|---|---|---|"]
     for r in by_name.get("noise", []):
         if r["variant"] != "bytes_floor":
             continue
@@ -184,7 +187,7 @@ def targets(paths) -> str:
         if r["variant"] != "bytes_floor":
             continue
         case = {"size": r["size"], "batch": r["batch"], "seq": r["seq"], "dtype": r["dtype"]}
-        best = _fastest_kernel(by_name["stability"], "stability_", **case)
+        best = _fastest_kernel(by_name["stability"], "concat_", **case)
         loop = next((x for x in by_name["stability"] if x["variant"] == "mse_loss_loop"
                      and all(x.get(k) == v for k, v in case.items())), None)
         if best:
@@ -218,7 +221,7 @@ def _csv_paths(args_paths) -> list[Path]:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("paths", nargs="*", default=[str(RESULTS)], help="CSV files or folders of them (default: %(default)s)")
-    p.add_argument("--targets", action="store_true", help="print DESIGN.md §6's targets against the latest rows")
+    p.add_argument("--targets", action="store_true", help="print docs/design.md §6's targets against the latest rows")
     args = p.parse_args(argv)
     paths = _csv_paths(args.paths)
     if args.targets:

@@ -14,7 +14,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .checks import check_choice, is_int, is_real
-from .kernels import BACKENDS, ops, reference, resolve_backend
+from .kernels import BACKENDS, check_supported, ops, reference, resolve_backend
 from .neighbors import KNN_BACKENDS, build_neighbor_table, check_embedding_matrix
 
 _MASK64 = (1 << 64) - 1
@@ -145,7 +145,7 @@ class GaussianNoise(_NoiseSampler):
     def __call__(self, input_ids, inputs_embeds, attention_mask=None) -> torch.Tensor:
         real = check_noise_inputs(input_ids, inputs_embeds, attention_mask)
         x = inputs_embeds.detach()
-        backend = resolve_backend(self.backend, x.device, x.dtype)
+        backend = resolve_backend(self.backend, x.device, x.dtype, op="gaussian_noise", d=x.shape[-1])
         seed = self._next_seed()
         eps = ops.gaussian_noise(x.reshape(-1, x.shape[-1]), None if real is None else real.reshape(-1),
                                  self.ratio, seed, backend)
@@ -199,6 +199,7 @@ class InManifoldNoise(_NoiseSampler):
         if refresh_every is not None and (not is_int(refresh_every) or refresh_every < 1):
             raise ValueError(f"refresh_every must be None or a positive int, got {refresh_every!r}")
         check_choice("knn_backend", knn_backend, KNN_BACKENDS)
+        check_supported("in_manifold_noise", backend, self._weight_of().device, d=self._weight_of().shape[1], k=k)
         if not 0 <= rank_tol < 1:
             raise ValueError(f"rank_tol must be in [0, 1), got {rank_tol}")
         self.k, self.refresh_every, self.knn_backend, self.rank_tol = k, refresh_every, knn_backend, rank_tol
@@ -231,7 +232,8 @@ class InManifoldNoise(_NoiseSampler):
         if self.refresh_every is not None and self.step - self._table_step >= self.refresh_every:
             self.refresh()
         x = inputs_embeds.detach().reshape(-1, inputs_embeds.shape[-1])
-        backend = resolve_backend(self.backend, x.device, x.dtype)
+        backend = resolve_backend(self.backend, x.device, x.dtype, op="in_manifold_noise", d=x.shape[-1],
+                                  k=self.table.shape[1])
         self.table = self.table.to(x.device)
         eps, fell_back = ops.in_manifold_noise(
             x, input_ids.reshape(-1).long(), self.table, weight.detach(), None if real is None else real.reshape(-1),

@@ -1,4 +1,4 @@
-"""The layer-wise stability penalty Σ_r λ_r ‖h_r(x+ε) − h_r(x)‖² (eq. 11; DESIGN.md §1–§2)."""
+"""The layer-wise stability penalty Σ_r λ_r ‖h_r(x+ε) − h_r(x)‖² (eq. 11; docs/design.md §1–§2)."""
 from __future__ import annotations
 
 import math
@@ -6,7 +6,7 @@ from typing import Sequence
 
 import torch
 
-from .checks import check_choice, is_real
+from .checks import check_choice, is_int, is_real
 from .kernels import ops, resolve_backend
 
 REDUCTIONS = ("sum", "mean")
@@ -27,17 +27,50 @@ def resolve_weights(weights, n_layers: int, name: str = "weights") -> list[float
     return weights
 
 
+def _check_types(name: str, hidden: Sequence[torch.Tensor]) -> None:
+    for i, h in enumerate(hidden):
+        if not isinstance(h, torch.Tensor) or not h.is_floating_point():
+            raise TypeError(f"{name}[{i}] must be a floating-point tensor, got {getattr(h, 'dtype', type(h).__name__)}")
+
+
+def _check_shapes(name: str, hidden: Sequence[torch.Tensor], shape: torch.Size, device: torch.device) -> None:
+    for i, h in enumerate(hidden):
+        if h.dim() < 2 or h.shape[:-1] != shape[:-1] or h.device != device:
+            raise ValueError(f"{name}[{i}] has shape {tuple(h.shape)} on {h.device}; every hidden state must be "
+                             f"[..., d] with token shape {tuple(shape[:-1])} on {device}")
+
+
+def _real_tokens(attention_mask, shape, device) -> torch.Tensor | None:
+    """The boolean mask of real tokens (None: all real) from an attention mask of shape `shape`."""
+    if attention_mask is None:
+        return None
+    if not isinstance(attention_mask, torch.Tensor):
+        raise TypeError(f"attention_mask must be a tensor, got {type(attention_mask).__name__}")
+    if attention_mask.shape != shape:
+        raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {tuple(shape)}")
+    return (attention_mask != 0).to(device)
+
+
+def _backend(backend: str, hidden: Sequence[torch.Tensor]) -> str:
+    dtypes = {h.dtype for h in hidden}
+    if backend == "auto" and len(dtypes) > 1:  # the kernels take one activation dtype per call
+        backend = "torch"
+    return resolve_backend(backend, hidden[0].device, torch.float64 if torch.float64 in dtypes else None,
+                           op="layerwise_stability", d=max(h.shape[-1] for h in hidden))
+
+
 def layerwise_stability(clean_hidden: Sequence[torch.Tensor], noisy_hidden: Sequence[torch.Tensor],
                         attention_mask: torch.Tensor | None = None, weights=1.0, reduction: str = "sum",
                         backend: str = "auto") -> torch.Tensor:
     """The LNSR penalty over chosen layers, padding excluded, accumulated in fp32.
 
     clean_hidden, noisy_hidden: equally long sequences of [B, T, d] tensors (layer r of the clean and
-    of the noisy pass; views into one concatenated batch are fine). reduction="sum": per layer, the mean
-    over real tokens of ‖h_t − h̃_t‖² (eq. 11); "mean": also divided by d (so λ must be d times larger
-    for the same effect). weights: one λ for all layers or one per layer. backend: "auto" | "cuda" |
-    "triton" | "torch" (see lnsr_fast.kernels). Returns a differentiable 0-dim fp32 tensor (float64 for
-    float64 inputs), 0 when no token is real.
+    of the noisy pass). reduction="sum": per layer, the mean over real tokens of ‖h_t − h̃_t‖² (eq. 11);
+    "mean": also divided by d (so λ must be d times larger for the same effect). weights: one λ for all
+    layers or one per layer. backend: "auto" | "cuda" | "triton" | "torch" (see lnsr_fast.kernels).
+    Returns a differentiable 0-dim fp32 tensor (float64 for float64 inputs), 0 when no token is real;
+    gradients (first and second) reach only the inputs that require them. For the halves of one
+    concat-mode batch, `layerwise_stability_concat` writes one gradient per layer instead of two.
 
     >>> reg = layerwise_stability(out.hidden_states[1:], noisy_out.hidden_states[1:], attention_mask)
     """
@@ -48,30 +81,16 @@ def layerwise_stability(clean_hidden: Sequence[torch.Tensor], noisy_hidden: Sequ
         raise ValueError("clean_hidden is empty: choose at least one layer")
     check_choice("reduction", reduction, REDUCTIONS)
     weights = resolve_weights(weights, len(clean_hidden))
-    for name, seq in (("clean_hidden", clean_hidden), ("noisy_hidden", noisy_hidden)):
-        for i, h in enumerate(seq):
-            if not isinstance(h, torch.Tensor) or not h.is_floating_point():
-                raise TypeError(f"{name}[{i}] must be a floating-point tensor, got {getattr(h, 'dtype', type(h).__name__)}")
+    _check_types("clean_hidden", clean_hidden)
+    _check_types("noisy_hidden", noisy_hidden)
     shape, device = clean_hidden[0].shape, clean_hidden[0].device
-    for name, seq in (("clean_hidden", clean_hidden), ("noisy_hidden", noisy_hidden)):
-        for i, h in enumerate(seq):
-            if h.dim() < 2 or h.shape[:-1] != shape[:-1] or h.device != device:
-                raise ValueError(f"{name}[{i}] has shape {tuple(h.shape)} on {h.device}; every hidden state must be "
-                                 f"[..., d] with token shape {tuple(shape[:-1])} on {device}")
+    _check_shapes("clean_hidden", clean_hidden, shape, device)
+    _check_shapes("noisy_hidden", noisy_hidden, shape, device)
     for i, (h, h_noisy) in enumerate(zip(clean_hidden, noisy_hidden)):
         if h.shape != h_noisy.shape:
             raise ValueError(f"clean_hidden[{i}] has shape {tuple(h.shape)} but noisy_hidden[{i}] has {tuple(h_noisy.shape)}")
-    real = None
-    if attention_mask is not None:
-        if not isinstance(attention_mask, torch.Tensor):
-            raise TypeError(f"attention_mask must be a tensor, got {type(attention_mask).__name__}")
-        if attention_mask.shape != shape[:-1]:
-            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {tuple(shape[:-1])}")
-        real = (attention_mask != 0).to(device)
-    dtypes = {h.dtype for h in clean_hidden + noisy_hidden}
-    if backend == "auto" and len(dtypes) > 1:  # the kernels take one activation dtype per call
-        backend = "torch"
-    backend = resolve_backend(backend, device, torch.float64 if torch.float64 in dtypes else None)
+    real = _real_tokens(attention_mask, shape[:-1], device)
+    backend = _backend(backend, clean_hidden + noisy_hidden)
     return ops.layerwise_stability(clean_hidden, noisy_hidden, real, weights, reduction, backend)
 
 
@@ -83,13 +102,22 @@ def layerwise_stability_concat(hidden: Sequence[torch.Tensor], pairs: int, atten
     hidden: a sequence of [N, T, d] tensors (one per chosen layer) whose rows [0, pairs) are clean and rows
     [N - pairs, N) their noisy copies, in the same order. attention_mask: [pairs, T] of the clean rows (None:
     every token is real). detach_clean: no gradient reaches the clean rows. Otherwise as `layerwise_stability`.
+    The gradient of each hidden state is one tensor written by one launch for all layers (clean rows, noisy
+    rows, 0 in the rows between the two blocks), not assembled from slices.
     """
     hidden = list(hidden)
     if not hidden:
         raise ValueError("hidden is empty: choose at least one layer")
-    n = hidden[0].shape[0] if isinstance(hidden[0], torch.Tensor) and hidden[0].dim() else 0
-    if not (isinstance(pairs, int) and not isinstance(pairs, bool)) or not 1 <= pairs <= n // 2:
-        raise ValueError(f"pairs must be an int in [1, {n // 2}] for hidden states of {n} rows, got {pairs!r}")
-    clean = [h[:pairs].detach() if detach_clean else h[:pairs] for h in hidden]
-    return layerwise_stability(clean, [h[h.shape[0] - pairs:] for h in hidden], attention_mask, weights, reduction,
-                               backend)
+    check_choice("reduction", reduction, REDUCTIONS)
+    weights = resolve_weights(weights, len(hidden))
+    _check_types("hidden", hidden)
+    shape, device = hidden[0].shape, hidden[0].device
+    _check_shapes("hidden", hidden, shape, device)
+    if not is_int(pairs) or not 1 <= pairs <= shape[0] // 2:
+        raise ValueError(f"pairs must be an int in [1, {shape[0] // 2}] for hidden states of {shape[0]} rows, "
+                         f"got {pairs!r}")
+    if not isinstance(detach_clean, bool):
+        raise TypeError(f"detach_clean must be a bool, got {detach_clean!r}")
+    real = _real_tokens(attention_mask, (pairs, *shape[1:-1]), device)
+    return ops.layerwise_stability_concat(hidden, pairs, real, weights, reduction, detach_clean,
+                                          _backend(backend, hidden))

@@ -50,7 +50,7 @@ def test_bench_noise_quick(tmp_path):
     # The interpreter is switched on, and must still not be benchmarked: its timings mean nothing.
     run("bench_noise.py", "--quick", "--results", str(tmp_path), TRITON_INTERPRET="1")
     path, fields, rows = results(tmp_path, "noise")
-    assert set(fields) == {"variant", "size", "tokens", "k", "dtype", "x_floor"} | TIMES | META
+    assert set(fields) == {"variant", "size", "tokens", "k", "dtype", "x_floor", "peak_mib"} | TIMES | META
     assert {r["variant"] for r in rows} == {"gaussian_torch", "in_manifold_torch", "knn_search_per_step", "gather_qr",
                                             "gather_mgs_reference", "gather_projection_solve", "table_build_once",
                                             "bytes_floor"}
@@ -59,11 +59,21 @@ def test_bench_noise_quick(tmp_path):
     assert_rendered(path, "| variant | 2000x128 float32 |")
 
 
+def test_quick_runs_never_write_into_the_committed_results():
+    """--quick without --results writes into a new temporary folder, never benchmarks/results/."""
+    committed = ROOT / "benchmarks" / "results"
+    before = {p: p.stat().st_mtime_ns for p in committed.glob("*")}
+    out = run("bench_stability.py", "--quick")
+    assert {p: p.stat().st_mtime_ns for p in committed.glob("*")} == before
+    folder = Path(out.split("--quick: writing to ", 1)[1].split()[0])
+    assert folder != committed and list(folder.glob("stability_*.csv"))
+
+
 def test_bench_stability_quick(tmp_path):
     run("bench_stability.py", "--quick", "--results", str(tmp_path))
     path, fields, rows = results(tmp_path, "stability")
-    assert set(fields) == {"variant", "size", "batch", "seq", "dtype", "x_floor"} | TIMES | META
-    assert {r["variant"] for r in rows} == {"stability_torch", "mse_loss_loop", "bytes_floor"}
+    assert set(fields) == {"variant", "size", "batch", "seq", "dtype", "x_floor", "peak_mib"} | TIMES | META
+    assert {r["variant"] for r in rows} == {"concat_torch", "split_torch", "mse_loss_loop", "bytes_floor"}
     assert_floor_multiples(rows, ("size", "dtype"))
     assert_rendered(path, "| variant | 4x96 float32 |")
 
@@ -127,16 +137,18 @@ def test_plain_pytorch_baselines_compute_what_the_package_computes(monkeypatch):
     """A baseline that did less (or other) work than the package would make every speed-up meaningless."""
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     from bench_noise import IN_MANIFOLD_RATIO, noise_variants
-    from bench_stability import forward_backward, mse_loss_loop, stability_inputs
+    from bench_stability import forward_backward, mse_loss_loop, stability_inputs, stability_variants
 
-    clean, noisy, mask = stability_inputs(3, 40, batch=5, seq=9, dtype=torch.float32, device=torch.device("cpu"))
-    # Concat layout: both halves of a layer share one tensor's storage; some tokens are padding.
-    assert all(c.untyped_storage().data_ptr() == n.untyped_storage().data_ptr() for c, n in zip(clean, noisy))
-    assert not mask.all()
-    package = lambda c, n, m: lf.layerwise_stability(c, n, m, backend="torch")  # noqa: E731
-    torch.testing.assert_close(mse_loss_loop(clean, noisy, mask), package(clean, noisy, mask))
-    for got, want in zip(forward_backward(mse_loss_loop, clean, noisy, mask), forward_backward(package, clean, noisy, mask)):
-        torch.testing.assert_close(got, want)
+    params, hidden, mask = stability_inputs(3, 40, batch=5, seq=9, dtype=torch.float32, device=torch.device("cpu"))
+    # Concat layout: a layer's hidden state is a non-leaf [2B, T, d] computed from its parameter; some tokens
+    # are padding.
+    assert all(h.shape == (10, 9, 40) and h.grad_fn is not None for h in hidden) and not mask.all()
+    package = stability_variants(["torch"])
+    for name in ("concat_torch", "split_torch"):
+        torch.testing.assert_close(mse_loss_loop(hidden, mask), package[name](hidden, mask))
+        for got, want in zip(forward_backward(mse_loss_loop, params, hidden, mask),
+                             forward_backward(package[name], params, hidden, mask)):
+            torch.testing.assert_close(got, want)
 
     gen = torch.Generator().manual_seed(0)
     weight = torch.randn(300, 32, generator=gen)

@@ -1,5 +1,6 @@
-"""The CUDA backend (csrc/, kernels/cuda.py): argument checks wherever it is built (`make cuda-compile`),
-results against kernels/reference.py in float64 on a CUDA device; its refusal where it is not built."""
+"""The CUDA backend (lnsr_fast/csrc/, kernels/cuda.py): argument checks wherever it is built (`make
+cuda-compile`), results against kernels/reference.py in float64 on a CUDA device; its refusal, with the
+reason, where it is not built and cannot be compiled."""
 from __future__ import annotations
 
 import glob
@@ -39,12 +40,24 @@ gpu = pytest.mark.skipif(_C is None or not torch.cuda.is_available(), reason=str
 F32, BF16, F16, F64 = torch.float32, torch.bfloat16, torch.float16, torch.float64
 
 
-@pytest.mark.skipif(_C is not None, reason="the extension is built here")
+@pytest.mark.skipif(_C is not None or torch.version.cuda is not None, reason="needs a CPU build of torch")
 def test_without_the_extension_the_backend_says_why_and_refuses():
     assert not cuda.is_available()
-    assert "lnsr_fast._C did not load" in cuda.unavailable_reason()
-    with pytest.raises(RuntimeError, match=r"lnsr_fast._C did not load .*pip install --no-build-isolation"):
+    assert cuda.unavailable_reason() == "torch sees no CUDA device"
+    with pytest.raises(RuntimeError, match=r"lnsr_fast._C is not built .* cannot be compiled here: torch .* is a CPU "
+                                           r"build"):
         cuda.stability_forward([torch.zeros(1, 2)], [torch.zeros(1, 2)], None, [1.0], "sum")
+
+
+def test_the_build_reason_names_what_is_missing(monkeypatch):
+    monkeypatch.setenv("LNSR_FAST_CUDA", "0")
+    assert cuda._build_reason() == "LNSR_FAST_CUDA=0 turns the CUDA extension off"
+    monkeypatch.delenv("LNSR_FAST_CUDA")
+    monkeypatch.setattr(torch.version, "cuda", None)
+    assert cuda._build_reason().endswith("is a CPU build")
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setattr("torch.utils.cpp_extension.CUDA_HOME", None)
+    assert cuda._build_reason().startswith("no CUDA toolkit (nvcc) found")
 
 
 # ------------------------------------------------------------------------------ argument checks (no GPU)
@@ -66,8 +79,7 @@ NOISE_ERRORS = [
     (noise_args(ids=torch.zeros(4, dtype=torch.long)), ValueError, r"ids must have shape \[5\], got \[4\]"),
     (noise_args(table=torch.zeros(20, 3, dtype=torch.long)), TypeError, r"table must be int32, got int64"),
     (noise_args(table=torch.zeros(20, 33, dtype=torch.int32)), ValueError, r"table must have 1 to 32 neighbours per row, got k=33"),
-    (noise_args(d=1025, k=17), ValueError, r"x has width d=1025 but the CUDA kernel takes d <= 1024 with k=17"),
-    (noise_args(d=4097, k=8), ValueError, r"x has width d=4097 but the CUDA kernel takes d <= 4096 with k=8"),
+    (noise_args(d=8193, k=32), ValueError, r"x has width d=8193 but the CUDA kernel takes d <= 8192"),
     (noise_args(weight=torch.randn(20, 11)), ValueError, r"weight must be \[V, 12\] \(x's width\), got shape \[20, 11\]"),
     (noise_args(weight=torch.zeros(20, 12, dtype=torch.long)), TypeError, r"weight must be float32, bfloat16 or float16, got int64"),
     (noise_args(weight=torch.randn(21, 12)), ValueError, r"table must have one row per row of weight \(21\), got 20"),
@@ -129,7 +141,48 @@ def test_stability_forward_and_backward_check_their_arguments(case):
     with pytest.raises(error, match=message):
         _C.stability_forward(*args)
     with pytest.raises(error, match=message):
-        _C.stability_backward(torch.tensor(1.0), *args)
+        _C.stability_backward(torch.tensor(1.0), *args, None, None)
+
+
+GAUSSIAN_ERRORS = [
+    (dict(x=torch.randn(5, 12)), ValueError, r"x must be a CUDA tensor, got a tensor on cpu"),
+    (dict(x=torch.randn(5, 12, dtype=F64)), TypeError, r"x must be float32, bfloat16 or float16, got float64"),
+    (dict(x=torch.randn(5, 8193)), ValueError, r"x has width d=8193 but the CUDA kernel takes d <= 8192"),
+    (dict(real=torch.ones(4, dtype=torch.bool)), ValueError, r"real must have shape \[5\], got \[4\]"),
+    (dict(z=torch.randn(5, 11)), ValueError, r"z must have shape \[5, 12\], got \[5, 11\]"),
+    (dict(z=torch.randn(5, 12, dtype=F16)), TypeError, r"z must be float32, got float16"),
+    (dict(ratio=-1.0), ValueError, r"ratio must be finite and > 0, got -1"),
+    (dict(seed=-3), ValueError, r"seed must be in \[0, 2\*\*63\), got -3"),
+]
+
+
+@built
+@pytest.mark.parametrize("changes,error,message", GAUSSIAN_ERRORS)
+def test_gaussian_noise_checks_its_arguments(changes, error, message):
+    args = dict(x=torch.randn(5, 12), ratio=0.1, seed=0, real=None, z=None)
+    with pytest.raises(error, match=message):
+        _C.gaussian_noise(**{**args, **changes})
+
+
+@built
+def test_stability_backward_checks_the_dtype_of_the_gradients_it_writes():
+    c, n = layers()
+    with pytest.raises(TypeError, match=r"grads_noisy\[1\] must be float32, got float64"):
+        _C.stability_backward(torch.tensor(1.0), c, n, None, [1.0, 1.0], "sum", None, [n[0], n[1].double()])
+
+
+@built
+@pytest.mark.parametrize("grads,message", [
+    (lambda c, n: ([c[0]], None), r"grads_clean must have one tensor per layer \(2\), got 1"),
+    (lambda c, n: ([c[0][:1], c[1]], None), r"grads_clean\[0\] must hold whole rows of width 12, at least 6 of them"),
+    (lambda c, n: ([torch.randn(3, 3, 12), c[1]], None), r"grads_clean\[1\] must have as many rows as grads_clean\[0\]"),
+    (lambda c, n: (None, [n[0], torch.randn(2, 3, 8)]), r"grads_noisy\[1\] must have shape \[2, 3, 7\]"),
+    (lambda c, n: (None, [n[0], torch.randn(2, 3, 14)[..., ::2]]), r"grads_noisy\[1\] must be contiguous"),
+])
+def test_stability_backward_checks_the_gradients_it_writes(grads, message):
+    c, n = layers()
+    with pytest.raises(ValueError, match=message):
+        _C.stability_backward(torch.tensor(1.0), c, n, None, [1.0, 1.0], "sum", *grads(c, n))
 
 
 @built
@@ -140,7 +193,7 @@ def test_stability_forward_and_backward_check_their_arguments(case):
 def test_stability_backward_checks_grad(grad, error, message):
     c, n = layers()
     with pytest.raises(error, match=message):
-        _C.stability_backward(grad, c, n, None, [1.0, 1.0], "sum")
+        _C.stability_backward(grad, c, n, None, [1.0, 1.0], "sum", None, None)
 
 
 @built
@@ -153,7 +206,9 @@ def test_wrapper_module_loads_the_extension_and_passes_arguments_through():
     with pytest.raises(ValueError, match=r"clean\[0\] must be a CUDA tensor"):
         cuda.stability_forward(tuple(c), tuple(n), None, (1, 2), "sum")
     with pytest.raises(ValueError, match=r"clean\[0\] must be a CUDA tensor"):
-        cuda.stability_backward(torch.tensor(1.0), tuple(c), tuple(n), None, (1, 2), "mean")
+        cuda.stability_backward(torch.tensor(1.0), tuple(c), tuple(n), None, (1, 2), "mean", None, tuple(n))
+    with pytest.raises(ValueError, match=r"x must be a CUDA tensor"):
+        cuda.gaussian_noise(torch.randn(3, 4), 0.1, 0)
 
 
 # ------------------------------------------------------------------------------ results (CUDA device)
@@ -321,7 +376,8 @@ def test_stability_matches_reference_forward_and_backward(dtypes, reduction, mas
     torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=0)
     assert torch.equal(out, _C.stability_forward(clean, noisy, real, weights, reduction))
     grad = torch.tensor(0.7, device="cuda")
-    grads_clean, grads_noisy = _C.stability_backward(grad, clean, noisy, real, weights, reduction)
+    grads_clean, grads_noisy = [torch.full_like(h, math.nan) for h in clean], [torch.full_like(h, math.nan) for h in noisy]
+    _C.stability_backward(grad, clean, noisy, real, weights, reduction, grads_clean, grads_noisy)
     for h, hn, gc, gn, want in zip(clean, noisy, grads_clean, grads_noisy,
                                    expected_grads(grad, clean, noisy, real, weights, reduction)):
         assert gc.dtype == h.dtype and gn.dtype == hn.dtype and gc.shape == h.shape
@@ -345,3 +401,53 @@ def test_stability_checks_devices():
     clean, noisy, real = stability_problem((8,), 2, 3, (F32,), "some")
     with pytest.raises(ValueError, match=r"real must be on clean\[0\]'s device cuda:\d, got cpu"):
         _C.stability_forward(clean, noisy, real.cpu(), [1.0], "sum")
+
+
+@gpu
+@pytest.mark.parametrize("rows,clean_zero", [(6, False), (8, True), (9, False)])
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=str)
+def test_concat_mode_backward_writes_one_gradient_per_layer(rows, clean_zero, dtype):
+    """grads_clean from a concat-mode gradient's first row: the paired rows' gradient (or zeros), zeros in
+    the rows between the blocks; grads_noisy its last rows; every element written (NaN-filled before)."""
+    pairs, t, weights = 3, 37, [0.5, 2.0]
+    g = torch.Generator().manual_seed(rows)
+    real = (torch.rand(pairs, t, generator=g) > 0.2).cuda()
+    hidden = [torch.randn(rows, t, d, generator=g).to(dtype).cuda() for d in (771, 64)]
+    clean, noisy = [h[:pairs] for h in hidden], [h[rows - pairs:] for h in hidden]
+    grads = [torch.full_like(h, math.nan) for h in hidden]
+    grad = torch.tensor(1.3, device="cuda")
+    _C.stability_backward(grad, clean, noisy, real, weights, "sum", [gr[:rows - pairs] for gr in grads],
+                          [gr[rows - pairs:] for gr in grads], clean_zero)
+    expected = reference.layerwise_stability_concat_backward(grad.double(), [h.double() for h in hidden], pairs, real,
+                                                             weights, "sum", clean_zero)
+    for got, want in zip(grads, expected):
+        tol = dict(rtol=GRAD_RTOL[dtype], atol=1e-6 * float(want.abs().max()))
+        torch.testing.assert_close(got.double(), want, **tol)
+        assert bool((got[pairs:rows - pairs] == 0).all())
+
+
+@gpu
+@pytest.mark.parametrize("n,d", [(37, 771), (64, 768), (5, 8192), (9, 3)])
+@pytest.mark.parametrize("dtype", [F32, BF16, F16], ids=str)
+def test_gaussian_noise_matches_reference(n, d, dtype):
+    g = torch.Generator().manual_seed(d)
+    x = torch.randn(n, d, generator=g).to(dtype)
+    real = torch.rand(n, generator=g) > 0.2
+    x[~real] = math.nan
+    z = torch.randn(n, d, generator=g)
+    x, real, z = x.cuda(), real.cuda(), z.cuda()
+    eps = _C.gaussian_noise(x, 0.05, 0, real, z)
+    expected = reference.gaussian_noise(x.double(), z.double(), 0.05, real)
+    assert eps.dtype == dtype and eps.shape == (n, d)
+    assert_rows_close(eps, expected, x, real, 0.05, TOL[dtype])
+    again = _C.gaussian_noise(x, 0.05, 11, real)
+    assert torch.equal(again, _C.gaussian_noise(x, 0.05, 11, real)), "the same seed must give the same bits"
+    assert not torch.equal(again, _C.gaussian_noise(x, 0.05, 12, real))
+    torch.testing.assert_close(again[real].double().norm(dim=-1), 0.05 * x[real].double().norm(dim=-1), rtol=2e-2,
+                               atol=0)
+
+
+@gpu
+def test_generated_gaussian_noise_is_gaussian():
+    x = torch.ones(3000, 16, device="cuda")
+    assert_isotropic(_C.gaussian_noise(x, 0.5, 3))

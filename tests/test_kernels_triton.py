@@ -1,4 +1,4 @@
-"""The Triton backend of the LNSR ops (DESIGN.md §1) against the float64 reference, forward and backward.
+"""The Triton backend of the LNSR ops (docs/design.md §1) against the float64 reference, forward and backward.
 Without a GPU the kernels run under TRITON_INTERPRET=1 (set in conftest.py); the same tests run on a GPU."""
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ import torch
 
 pytest.importorskip("triton")
 
-from lnsr_fast.kernels import reference  # noqa: E402
+from lnsr_fast.kernels import MAX_K, MAX_WIDTH, reference  # noqa: E402
 from lnsr_fast.kernels.triton.gaussian_noise import gaussian_noise  # noqa: E402
 from lnsr_fast.kernels.triton.in_manifold_noise import in_manifold_noise  # noqa: E402
-from lnsr_fast.kernels.triton.launch import MAX_K, MAX_WIDTH, launch_config  # noqa: E402
+from lnsr_fast.kernels.triton.launch import in_manifold_config  # noqa: E402
 from lnsr_fast.kernels.triton.layerwise_stability import stability_backward, stability_forward  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -222,6 +222,13 @@ def _reference_with_grads(clean, noisy, real, weights, reduction, grad):
     return value.detach(), [h.grad for h in leaves]
 
 
+def _backward(grad, clean, noisy, real, weights, reduction):
+    """stability_backward into fresh (NaN-filled, so that a row left unwritten shows) gradients."""
+    grads = [[torch.full_like(h, math.nan) for h in side] for side in (clean, noisy)]
+    stability_backward(grad, clean, noisy, real, weights, reduction, *grads)
+    return grads
+
+
 @pytest.mark.parametrize("widths", [(384, 1000, 768), (1024, 1024), (4096,)], ids=str)
 @pytest.mark.parametrize("reduction", ["sum", "mean"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -232,7 +239,7 @@ def test_stability_matches_reference(dtype, reduction, widths):
     value = stability_forward(clean, noisy, real, weights, reduction)
     assert value.dtype == torch.float32 and value.dim() == 0
     assert torch.equal(value, stability_forward(clean, noisy, real, weights, reduction))  # reproducible
-    grads_clean, grads_noisy = stability_backward(grad, clean, noisy, real, weights, reduction)
+    grads_clean, grads_noisy = _backward(grad, clean, noisy, real, weights, reduction)
 
     ref64, grads64 = _reference_with_grads([h.double() for h in clean], [h.double() for h in noisy], real, weights,
                                            reduction, grad.double())
@@ -255,7 +262,7 @@ def test_stability_without_mask_or_real_tokens():
                                                grad.double())
         value = stability_forward(clean, noisy, mask, weights, "sum")
         torch.testing.assert_close(value.double(), ref, rtol=1e-5, atol=0)
-        for g, r in zip(sum(stability_backward(grad, clean, noisy, mask, weights, "sum"), []), ref_grads):
+        for g, r in zip(sum(_backward(grad, clean, noisy, mask, weights, "sum"), []), ref_grads):
             torch.testing.assert_close(g.double(), r, rtol=1e-5, atol=1e-9)
     assert value == 0
 
@@ -293,7 +300,7 @@ def test_largest_sizes(d, k):
 
 
 def test_sizes_beyond_the_limits_raise():
-    assert launch_config(MAX_WIDTH, MAX_K).block_d == MAX_WIDTH
+    assert in_manifold_config(MAX_WIDTH, MAX_K).block_k == MAX_K
     with pytest.raises(ValueError, match=rf"x.shape\[1\] must be in \[1, {MAX_WIDTH}\].*got {MAX_WIDTH + 1}"):
         gaussian_noise(torch.zeros(2, MAX_WIDTH + 1, device=DEVICE), RATIO, 0)
     x = torch.zeros(2, 8, device=DEVICE)
@@ -308,3 +315,19 @@ def test_sizes_beyond_the_limits_raise():
     with pytest.raises(ValueError, match="z and fallback_z"):
         in_manifold_noise(x, torch.zeros(2, dtype=torch.long, device=DEVICE), table[:, :2], x, RATIO, TOL, 0,
                           z=torch.zeros(2, 2, device=DEVICE))
+
+
+def test_stability_launches_build_no_host_tensor(monkeypatch):
+    """The layers' addresses, widths and weights travel as kernel arguments: no table is built on the host
+    and copied to the device at each call (which a CUDA graph could not capture either)."""
+    clean, noisy, real = _hidden_states((384, 1000), torch.float32, seed=2)
+    grad = torch.tensor(1.0, device=DEVICE)
+    grads = [[torch.empty_like(h) for h in side] for side in (clean, noisy)]
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a tensor was built from host data during a launch")
+
+    for name in ("tensor", "as_tensor", "from_numpy"):
+        monkeypatch.setattr(torch, name, refuse)
+    stability_forward(clean, noisy, real, [1.0, 2.0], "sum")
+    stability_backward(grad, clean, noisy, real, [1.0, 2.0], "sum", *grads)

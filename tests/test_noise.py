@@ -23,8 +23,9 @@ def backend(request, monkeypatch):
     `backend="auto"` resolves to the backend under test; float64 stays with the reference."""
     resolve = noise_module.resolve_backend
 
-    def resolve_under_test(backend, device, dtype=None):
-        return resolve(request.param if backend == "auto" and dtype != torch.float64 else backend, device, dtype)
+    def resolve_under_test(backend, device, dtype=None, **op_and_sizes):
+        return resolve(request.param if backend == "auto" and dtype != torch.float64 else backend, device, dtype,
+                       **op_and_sizes)
 
     monkeypatch.setattr(noise_module, "resolve_backend", resolve_under_test)
     return request.param

@@ -1,4 +1,4 @@
-"""Plain-PyTorch definitions of the ops in one LNSR step (DESIGN.md §1).
+"""Plain-PyTorch definitions of the ops in one LNSR step (docs/design.md §1).
 
 They are the documentation of what every faster backend computes and the oracle its tests compare
 against, so they favour clarity over speed. All arithmetic is fp32 (or float64 when given float64);
@@ -130,3 +130,26 @@ def layerwise_stability_backward(
         grads_clean.append(g.to(h.dtype))
         grads_noisy.append((-g).to(h_noisy.dtype))
     return grads_clean, grads_noisy
+
+
+def _halves(hidden: Sequence[torch.Tensor], pairs: int):
+    """The clean rows [0, pairs) and the noisy rows [N - pairs, N) of concat-mode hidden states [N, ...]."""
+    return [h[:pairs] for h in hidden], [h[h.shape[0] - pairs:] for h in hidden]
+
+
+def layerwise_stability_concat(hidden: Sequence[torch.Tensor], pairs: int, real: torch.Tensor | None,
+                               weights: Sequence[float], reduction: str = "sum") -> torch.Tensor:
+    """`layerwise_stability` between rows [0, pairs) and [N - pairs, N) of each hidden state [N, ..., d];
+    real: [pairs, ...] of the clean rows or None."""
+    return layerwise_stability(*_halves(hidden, pairs), real, weights, reduction)
+
+
+def layerwise_stability_concat_backward(grad: torch.Tensor, hidden: Sequence[torch.Tensor], pairs: int,
+                                        real: torch.Tensor | None, weights: Sequence[float], reduction: str = "sum",
+                                        detach_clean: bool = False) -> list[torch.Tensor]:
+    """One gradient per hidden state [N, ..., d]: the clean rows' (0 with detach_clean), 0 in the rows
+    between the two blocks, the noisy rows' — as `layerwise_stability_backward` gives them."""
+    grads_clean, grads_noisy = layerwise_stability_backward(grad, *_halves(hidden, pairs), real, weights, reduction)
+    return [torch.cat([torch.zeros_like(g_clean) if detach_clean else g_clean,
+                       h.new_zeros((h.shape[0] - 2 * pairs, *h.shape[1:])), g_noisy])
+            for h, g_clean, g_noisy in zip(hidden, grads_clean, grads_noisy)]

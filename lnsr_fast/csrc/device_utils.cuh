@@ -1,5 +1,6 @@
 // Device helpers shared by the LNSR kernels: fp32 access to fp32/bf16/fp16 rows (vectorised where the
-// row allows it) and block-wide sums that every thread of the block receives bit-identically.
+// row allows it), Gaussian draws from Philox, and block-wide sums that every thread of the block receives
+// bit-identically.
 #pragma once
 
 #include <cstdint>
@@ -8,6 +9,8 @@
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <c10/util/Exception.h>
+#include <ATen/core/PhiloxRNGEngine.h>  // after c10/util/Exception.h, which it uses without including
 
 #include "lnsr_kernels.h"
 
@@ -73,6 +76,46 @@ __device__ __forceinline__ void store_vec(void* base, int64_t i, DType dt, const
     Raw raw;
     memcpy(&raw, words, sizeof(raw));
     *reinterpret_cast<Raw*>(static_cast<uint16_t*>(base) + i) = raw;
+  }
+}
+
+// Elements [i, i + 4) of the row starting at element `row` of base, 0 past d: one access when `vec` (d a
+// multiple of 4 and base aligned for it), else element by element.
+__device__ __forceinline__ void load4(const void* base, int64_t row, int64_t i, int64_t d, DType dt, bool vec,
+                                      float (&out)[4]) {
+  if (vec && i < d) {
+    load_vec<4>(base, row + i, dt, out);
+  } else {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) out[e] = i + e < d ? load_scalar(base, row + i + e, dt) : 0.0f;
+  }
+}
+
+__device__ __forceinline__ void store4(void* base, int64_t row, int64_t i, int64_t d, DType dt, bool vec,
+                                       const float (&v)[4]) {
+  if (vec && i < d) {
+    store_vec<4>(base, row + i, dt, v);
+  } else {
+#pragma unroll
+    for (int e = 0; e < 4; ++e)
+      if (i + e < d) store_scalar(base, row + i + e, dt, v[e]);
+  }
+}
+
+// The 4 normals of 128-bit block `block` of the Philox4x32-10 stream (seed, subsequence `stream`):
+// Box–Muller on two pairs of uniforms. A draw depends only on (seed, stream, block), not on the launch.
+__device__ __forceinline__ void normal4(uint64_t seed, uint64_t stream, uint64_t block, float (&out)[4]) {
+  at::Philox4_32 gen(seed, stream, block);
+#pragma unroll
+  for (int p = 0; p < 2; ++p) {
+    const uint32_t a = gen(), b = gen();
+    const float u1 = fmaf(float(a), 0x1p-32f, 0x1p-33f);  // in (0, 1]: the log stays finite
+    const float u2 = float(b) * 0x1p-32f;
+    const float r = sqrtf(-2.0f * logf(u1));
+    float s, c;
+    sincospif(2.0f * u2, &s, &c);
+    out[2 * p] = r * c;
+    out[2 * p + 1] = r * s;
   }
 }
 

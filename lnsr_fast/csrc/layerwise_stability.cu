@@ -1,4 +1,4 @@
-// Layer-wise stability penalty Σ_r w_r · mean_t ‖h_r,t − h̃_r,t‖² (eq. 11; DESIGN.md §1–§2) and its
+// Layer-wise stability penalty Σ_r w_r · mean_t ‖h_r,t − h̃_r,t‖² (eq. 11; docs/design.md §1–§2) and its
 // gradient, each in one launch over all layers, reading the clean and noisy halves where they lie.
 #include "device_utils.cuh"
 #include "lnsr_kernels.h"
@@ -19,8 +19,8 @@ struct Row {
 };
 
 __device__ __forceinline__ Row row_of(const StabilityArgs& a, int64_t r) {
-  const int i = int(r / a.n_tokens);
-  const int64_t m = r - int64_t(i) * a.n_tokens;
+  const int i = int(r / a.n_rows);
+  const int64_t m = r - int64_t(i) * a.n_rows;
   return {a.layers[i], m, m * a.layers[i].d};
 }
 
@@ -76,7 +76,7 @@ __global__ void __launch_bounds__(kThreads) stability_forward_kernel(const __gri
   __shared__ long long red_count[kWarps];
   __shared__ bool last;
   const int lane = threadIdx.x % 32;
-  const int64_t rows = int64_t(a.n_layers) * a.n_tokens;
+  const int64_t rows = int64_t(a.n_layers) * a.n_rows;
   float acc = 0.0f;  // this lane's share of Σ_r factor_r · ‖h − h̃‖² over its rows
   for (int64_t r = int64_t(blockIdx.x) * kWarps + threadIdx.x / 32; r < rows; r += int64_t(gridDim.x) * kWarps) {
     const Row row = row_of(a, r);
@@ -117,39 +117,58 @@ __global__ void __launch_bounds__(kThreads) stability_forward_kernel(const __gri
   if (threadIdx.x == 0) *a.out = total[0] / float(n_real > 1 ? n_real : 1);
 }
 
-// d/dh of the forward: 2·grad·factor_r/n_real · (h − h̃), and its negation for h̃; 0 at padding.
+// d/dh of the forward: 2·grad·factor_r/n_real · (h − h̃) into grad_clean (zeros with clean_zero) and its
+// negation into grad_noisy (either may be nullptr: not written); 0 at padding. Rows [n_tokens, n_rows) of
+// grad_clean (a concat-mode gradient's rows between its clean and its noisy block) are zero-filled.
+__device__ __forceinline__ void write_row(const StabilityLayer& l, int64_t start, int lane, bool clean_zero, float c,
+                                          bool real) {
+  if (l.vec && real) {
+    for_each_chunk(l, start, lane, [&](int64_t i, const float(&h)[kVec], const float(&hn)[kVec]) {
+      float g[kVec], neg[kVec];
+#pragma unroll
+      for (int e = 0; e < kVec; ++e) g[e] = c * (h[e] - hn[e]), neg[e] = -g[e];
+      if (l.grad_clean != nullptr) {
+        if (clean_zero) {
+          const float zero[kVec] = {};
+          store_vec<kVec>(l.grad_clean, start + i, l.clean_dtype, zero);
+        } else {
+          store_vec<kVec>(l.grad_clean, start + i, l.clean_dtype, g);
+        }
+      }
+      if (l.grad_noisy != nullptr) store_vec<kVec>(l.grad_noisy, start + i, l.noisy_dtype, neg);
+    });
+  } else if (l.vec) {
+    const float zero[kVec] = {};
+    for (int64_t i = lane * kVec; i < l.d; i += 32 * kVec) {
+      if (l.grad_clean != nullptr) store_vec<kVec>(l.grad_clean, start + i, l.clean_dtype, zero);
+      if (l.grad_noisy != nullptr) store_vec<kVec>(l.grad_noisy, start + i, l.noisy_dtype, zero);
+    }
+  } else {
+    for (int64_t i = lane; i < l.d; i += 32) {
+      float g = 0.0f;
+      if (real) g = c * (load_scalar(l.clean, start + i, l.clean_dtype) - load_scalar(l.noisy, start + i, l.noisy_dtype));
+      if (l.grad_clean != nullptr) store_scalar(l.grad_clean, start + i, l.clean_dtype, clean_zero ? 0.0f : g);
+      if (l.grad_noisy != nullptr) store_scalar(l.grad_noisy, start + i, l.noisy_dtype, -g);
+    }
+  }
+}
+
 __global__ void __launch_bounds__(kThreads) stability_backward_kernel(const __grid_constant__ StabilityArgs a) {
   __shared__ long long red_count[kWarps];
   const int lane = threadIdx.x % 32;
   const long long n_real = count_real(a.real, a.n_tokens, red_count);
   const float scale = 2.0f * *a.grad / float(n_real > 1 ? n_real : 1);
-  const int64_t rows = int64_t(a.n_layers) * a.n_tokens;
+  const int64_t rows = int64_t(a.n_layers) * a.n_rows;
   for (int64_t r = int64_t(blockIdx.x) * kWarps + threadIdx.x / 32; r < rows; r += int64_t(gridDim.x) * kWarps) {
     const Row row = row_of(a, r);
     const StabilityLayer& l = row.layer;
-    const bool real = a.real == nullptr || a.real[row.token];
-    const float c = layer_factor(l, a.mean) * scale;
-    if (l.vec && real) {
-      for_each_chunk(l, row.start, lane, [&](int64_t i, const float(&h)[kVec], const float(&hn)[kVec]) {
-        float g[kVec], neg[kVec];
-#pragma unroll
-        for (int e = 0; e < kVec; ++e) g[e] = c * (h[e] - hn[e]), neg[e] = -g[e];
-        store_vec<kVec>(l.grad_clean, row.start + i, l.clean_dtype, g);
-        store_vec<kVec>(l.grad_noisy, row.start + i, l.noisy_dtype, neg);
-      });
-    } else if (l.vec) {
-      const float zero[kVec] = {};
-      for (int64_t i = lane * kVec; i < l.d; i += 32 * kVec) {
-        store_vec<kVec>(l.grad_clean, row.start + i, l.clean_dtype, zero);
-        store_vec<kVec>(l.grad_noisy, row.start + i, l.noisy_dtype, zero);
-      }
+    if (row.token >= a.n_tokens) {  // between the clean and the noisy block: zeros
+      StabilityLayer fill = l;
+      fill.grad_noisy = nullptr;
+      write_row(fill, row.start, lane, true, 0.0f, false);
     } else {
-      for (int64_t i = lane; i < l.d; i += 32) {
-        float g = 0.0f;
-        if (real) g = c * (load_scalar(l.clean, row.start + i, l.clean_dtype) - load_scalar(l.noisy, row.start + i, l.noisy_dtype));
-        store_scalar(l.grad_clean, row.start + i, l.clean_dtype, g);
-        store_scalar(l.grad_noisy, row.start + i, l.noisy_dtype, -g);
-      }
+      const bool real = a.real == nullptr || a.real[row.token];
+      write_row(l, row.start, lane, a.clean_zero, layer_factor(l, a.mean) * scale, real);
     }
   }
 }

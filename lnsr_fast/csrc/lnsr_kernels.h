@@ -1,4 +1,4 @@
-// Host-side interface of the CUDA kernels of one LNSR step (DESIGN.md §1): the argument structs that
+// Host-side interface of the CUDA kernels of one LNSR step (docs/design.md §1): the argument structs that
 // bindings.cpp fills from checked tensors and the kernels take by value, and the launchers.
 #pragma once
 
@@ -12,9 +12,27 @@ namespace lnsr {
 // that a few kernel instantiations serve every mix of fp32 / bf16 / fp16 tensors.
 enum class DType : uint8_t { f32, bf16, f16 };
 
+// ---- Gaussian noise (reference.gaussian_noise) ----------------------------------------------------------
+
+constexpr int kMaxWidth = 8192;  // kernels.MAX_WIDTH: the widest row any kernel takes
+
+struct GaussianArgs {
+  const void* x;            // [n, d], x_dtype
+  const bool* real;         // [n] or nullptr (every token real)
+  const float* z;           // [n, d], or nullptr: draw it in the kernel
+  void* eps;                // [n, d], x_dtype
+  int64_t n;
+  int d;
+  float ratio;
+  uint64_t seed;
+  DType x_dtype;
+};
+
+cudaError_t launch_gaussian_noise(const GaussianArgs& args, cudaStream_t stream);
+
 // ---- in-manifold noise (reference.in_manifold_noise) -------------------------------------------------
 
-constexpr int kMaxNeighbors = 32;
+constexpr int kMaxNeighbors = 32;  // kernels.MAX_K
 
 struct InManifoldArgs {
   const void* x;            // [n, d], x_dtype
@@ -33,10 +51,6 @@ struct InManifoldArgs {
   DType x_dtype, w_dtype;
 };
 
-// The widest embedding the kernel takes with k neighbours (0 if k is unsupported): a token's k + 1
-// fp32 vectors live in the registers of one thread block, about 36K values.
-int64_t in_manifold_max_dim(int64_t k);
-
 cudaError_t launch_in_manifold_noise(const InManifoldArgs& args, cudaStream_t stream);
 
 // ---- layer-wise stability (reference.layerwise_stability and its gradient) ---------------------------
@@ -46,8 +60,8 @@ constexpr int kMaxLayers = 64;
 struct StabilityLayer {
   const void* clean;        // [n_tokens, d]
   const void* noisy;
-  void* grad_clean;         // backward only
-  void* grad_noisy;
+  void* grad_clean;         // backward only: [n_rows, d] (rows past n_tokens are zero-filled), or nullptr
+  void* grad_noisy;         // backward only: [n_tokens, d], or nullptr
   int64_t d;
   float weight;
   DType clean_dtype, noisy_dtype;
@@ -59,6 +73,8 @@ struct StabilityArgs {
   int n_layers;
   bool mean;                // reduction "mean": each layer's term is also divided by its d
   int64_t n_tokens;
+  int64_t n_rows;           // rows per layer to visit: n_tokens, or in the backward grad_clean's rows
+  bool clean_zero;          // backward: write zeros, not the gradient, into grad_clean
   const bool* real;         // [n_tokens] or nullptr
   float* partials;          // forward: one fp32 per block, and a zeroed counter of finished blocks
   unsigned int* done;

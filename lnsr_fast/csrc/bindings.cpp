@@ -55,6 +55,46 @@ int sm_count(const at::Device& device) {
   return count;
 }
 
+Tensor gaussian_noise(const Tensor& x, double ratio, int64_t seed, const std::optional<Tensor>& real,
+                      const std::optional<Tensor>& z) {
+  const lnsr::DType x_dtype = float_dtype(x, "x");
+  TORCH_CHECK_VALUE(x.dim() == 2 && x.size(1) > 0, "x must be [N, d] with d > 0, got shape ", x.sizes());
+  const int64_t n = x.size(0), d = x.size(1);
+  TORCH_CHECK_VALUE(n <= INT32_MAX, "x has ", n, " tokens; the kernel takes at most 2**31 - 1");
+  TORCH_CHECK_VALUE(d <= lnsr::kMaxWidth, "x has width d=", d, " but the CUDA kernel takes d <= ", lnsr::kMaxWidth,
+                    "; use backend 'torch'");
+  if (real) {
+    check_dtype(*real, "real", at::kBool);
+    check_shape(*real, "real", {n});
+  }
+  if (z) {
+    check_dtype(*z, "z", at::kFloat);
+    check_shape(*z, "z", {n, d});
+  }
+  TORCH_CHECK_VALUE(std::isfinite(ratio) && ratio > 0, "ratio must be finite and > 0, got ", ratio);
+  TORCH_CHECK_VALUE(seed >= 0, "seed must be in [0, 2**63), got ", seed);
+  std::vector<std::pair<const Tensor*, std::string>> tensors = {{&x, "x"}};
+  if (real) tensors.emplace_back(&*real, "real");
+  if (z) tensors.emplace_back(&*z, "z");
+  for (const auto& [t, name] : tensors) check_contiguous(*t, name);
+  for (const auto& [t, name] : tensors) check_device(*t, name, x, "x");
+
+  const c10::cuda::CUDAGuard guard(x.device());
+  Tensor eps = at::empty(x.sizes(), x.options());
+  lnsr::GaussianArgs args{};
+  args.x = x.data_ptr();
+  args.real = real ? real->data_ptr<bool>() : nullptr;
+  args.z = z ? z->data_ptr<float>() : nullptr;
+  args.eps = eps.data_ptr();
+  args.n = n;
+  args.d = int(d);
+  args.ratio = float(ratio);
+  args.seed = uint64_t(seed);
+  args.x_dtype = x_dtype;
+  C10_CUDA_CHECK(lnsr::launch_gaussian_noise(args, c10::cuda::getCurrentCUDAStream()));
+  return eps;
+}
+
 std::tuple<Tensor, Tensor> in_manifold_noise(const Tensor& x, const Tensor& ids, const Tensor& table, const Tensor& weight,
                                              double ratio, double rank_tol, int64_t seed,
                                              const std::optional<Tensor>& real, double embed_scale,
@@ -70,9 +110,8 @@ std::tuple<Tensor, Tensor> in_manifold_noise(const Tensor& x, const Tensor& ids,
   const int64_t k = table.size(1);
   TORCH_CHECK_VALUE(k >= 1 && k <= lnsr::kMaxNeighbors, "table must have 1 to ", lnsr::kMaxNeighbors,
                     " neighbours per row, got k=", k);
-  const int64_t max_d = lnsr::in_manifold_max_dim(k);
-  TORCH_CHECK_VALUE(d <= max_d, "x has width d=", d, " but the CUDA kernel takes d <= ", max_d, " with k=", k,
-                    " (a token's k+1 vectors are held in registers); use backend 'triton' or 'torch'");
+  TORCH_CHECK_VALUE(d <= lnsr::kMaxWidth, "x has width d=", d, " but the CUDA kernel takes d <= ", lnsr::kMaxWidth,
+                    "; use backend 'torch'");
   const lnsr::DType w_dtype = float_dtype(weight, "weight");
   TORCH_CHECK_VALUE(weight.dim() == 2 && weight.size(1) == d, "weight must be [V, ", d, "] (x's width), got shape ",
                     weight.sizes());
@@ -147,6 +186,7 @@ lnsr::StabilityArgs stability_args(const std::vector<Tensor>& clean, const std::
   args.n_layers = int(n_layers);
   args.mean = reduction == "mean";
   args.n_tokens = c10::multiply_integers(tokens);
+  args.n_rows = args.n_tokens;
   for (int64_t i = 0; i < n_layers; ++i) {
     const std::string c_name = "clean[" + std::to_string(i) + "]", n_name = "noisy[" + std::to_string(i) + "]";
     const Tensor &h = clean[i], &hn = noisy[i];
@@ -169,7 +209,13 @@ lnsr::StabilityArgs stability_args(const std::vector<Tensor>& clean, const std::
     check_contiguous(noisy[i], "noisy[" + std::to_string(i) + "]");
   }
   if (real) check_contiguous(*real, "real");
-  for (int64_t i = 0; i < n_layers; ++i) {
+  return args;
+}
+
+// The device checks (after every other, so that those are reachable with CPU tensors) and the addresses.
+void place_stability_args(lnsr::StabilityArgs& args, const std::vector<Tensor>& clean, const std::vector<Tensor>& noisy,
+                          const std::optional<Tensor>& real) {
+  for (int64_t i = 0; i < args.n_layers; ++i) {
     check_device(clean[i], "clean[" + std::to_string(i) + "]", clean[0], "clean[0]");
     check_device(noisy[i], "noisy[" + std::to_string(i) + "]", clean[0], "clean[0]");
     args.layers[i].clean = clean[i].data_ptr();
@@ -179,12 +225,12 @@ lnsr::StabilityArgs stability_args(const std::vector<Tensor>& clean, const std::
     check_device(*real, "real", clean[0], "clean[0]");
     args.real = real->data_ptr<bool>();
   }
-  return args;
 }
 
 Tensor stability_forward(const std::vector<Tensor>& clean, const std::vector<Tensor>& noisy,
                          const std::optional<Tensor>& real, const std::vector<double>& weights, const std::string& reduction) {
   lnsr::StabilityArgs args = stability_args(clean, noisy, real, weights, reduction);
+  place_stability_args(args, clean, noisy, real);
   const c10::cuda::CUDAGuard guard(clean[0].device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int grid = lnsr::stability_grid(args.n_layers * args.n_tokens, sm_count(clean[0].device()));
@@ -200,39 +246,73 @@ Tensor stability_forward(const std::vector<Tensor>& clean, const std::vector<Ten
   return out;
 }
 
-std::tuple<std::vector<Tensor>, std::vector<Tensor>> stability_backward(
-    const Tensor& grad, const std::vector<Tensor>& clean, const std::vector<Tensor>& noisy,
-    const std::optional<Tensor>& real, const std::vector<double>& weights, const std::string& reduction) {
+// Writes into grads_clean / grads_noisy (either may be None: not written). grads_noisy[i] has noisy[i]'s
+// shape; grads_clean[i] holds n_rows >= n_tokens rows of clean[i]'s width, the same n_rows for every
+// layer (a concat-mode gradient from its first row): the rows past the paired ones are zero-filled.
+void stability_backward(const Tensor& grad, const std::vector<Tensor>& clean, const std::vector<Tensor>& noisy,
+                        const std::optional<Tensor>& real, const std::vector<double>& weights, const std::string& reduction,
+                        const std::optional<std::vector<Tensor>>& grads_clean,
+                        const std::optional<std::vector<Tensor>>& grads_noisy, bool clean_zero) {
   check_dtype(grad, "grad", at::kFloat);
   TORCH_CHECK_VALUE(grad.dim() == 0, "grad must be a 0-dim tensor, got shape ", grad.sizes());
   lnsr::StabilityArgs args = stability_args(clean, noisy, real, weights, reduction);
-  check_device(grad, "grad", clean[0], "clean[0]");
-  const c10::cuda::CUDAGuard guard(clean[0].device());
-  std::vector<Tensor> grads_clean, grads_noisy;
-  for (int i = 0; i < args.n_layers; ++i) {
-    grads_clean.push_back(at::empty(clean[i].sizes(), clean[i].options()));
-    grads_noisy.push_back(at::empty(noisy[i].sizes(), noisy[i].options()));
-    args.layers[i].grad_clean = grads_clean.back().data_ptr();
-    args.layers[i].grad_noisy = grads_noisy.back().data_ptr();
+  for (const auto* outputs : {&grads_clean, &grads_noisy}) {
+    if (!*outputs) continue;
+    const bool is_clean = outputs == &grads_clean;
+    const std::string side = is_clean ? "grads_clean" : "grads_noisy";
+    TORCH_CHECK_VALUE((*outputs)->size() == clean.size(), side, " must have one tensor per layer (", clean.size(),
+                      "), got ", (*outputs)->size());
+    for (int64_t i = 0; i < args.n_layers; ++i) {
+      const Tensor& g = (**outputs)[i];
+      const Tensor& like = is_clean ? clean[i] : noisy[i];
+      const std::string name = side + "[" + std::to_string(i) + "]";
+      check_dtype(g, name, like.scalar_type());
+      if (is_clean) {
+        const int64_t d = args.layers[i].d, rows = d > 0 ? g.numel() / d : 0;
+        TORCH_CHECK_VALUE(g.numel() == rows * d && rows >= args.n_tokens, name, " must hold whole rows of width ", d,
+                          ", at least ", args.n_tokens, " of them, got shape ", g.sizes());
+        if (i == 0) args.n_rows = rows;
+        TORCH_CHECK_VALUE(rows == args.n_rows, name, " must have as many rows as grads_clean[0] (", args.n_rows,
+                          "), got shape ", g.sizes());
+      } else {
+        check_shape(g, name, like.sizes());
+      }
+      check_contiguous(g, name);
+    }
   }
+  place_stability_args(args, clean, noisy, real);
+  check_device(grad, "grad", clean[0], "clean[0]");
+  for (const auto* outputs : {&grads_clean, &grads_noisy}) {
+    if (!*outputs) continue;
+    const bool is_clean = outputs == &grads_clean;
+    for (int64_t i = 0; i < args.n_layers; ++i) {
+      const Tensor& g = (**outputs)[i];
+      check_device(g, (is_clean ? "grads_clean[" : "grads_noisy[") + std::to_string(i) + "]", clean[0], "clean[0]");
+      (is_clean ? args.layers[i].grad_clean : args.layers[i].grad_noisy) = g.data_ptr();
+    }
+  }
+  args.clean_zero = clean_zero;
   args.grad = grad.data_ptr<float>();
-  const int64_t rows = args.n_layers * args.n_tokens;
-  if (rows > 0)
+  const c10::cuda::CUDAGuard guard(clean[0].device());
+  const int64_t rows = args.n_layers * args.n_rows;
+  if (rows > 0 && (grads_clean || grads_noisy))
     C10_CUDA_CHECK(lnsr::launch_stability_backward(args, lnsr::stability_grid(rows, sm_count(clean[0].device())),
                                                    c10::cuda::getCurrentCUDAStream()));
-  return {grads_clean, grads_noisy};
 }
 
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "CUDA kernels of lnsr_fast (csrc/); called through lnsr_fast.kernels.cuda";
+  m.def("gaussian_noise", &gaussian_noise, "Standard LNSR noise: eps", py::arg("x"), py::arg("ratio"), py::arg("seed"),
+        py::arg("real") = py::none(), py::arg("z") = py::none());
   m.def("in_manifold_noise", &in_manifold_noise, "In-manifold LNSR noise: (eps, fell_back)", py::arg("x"), py::arg("ids"),
         py::arg("table"), py::arg("weight"), py::arg("ratio"), py::arg("rank_tol"), py::arg("seed"),
         py::arg("real") = py::none(), py::arg("embed_scale") = 1.0, py::arg("z") = py::none(),
         py::arg("fallback_z") = py::none());
   m.def("stability_forward", &stability_forward, "Layer-wise stability penalty over all layers (0-dim fp32)",
         py::arg("clean"), py::arg("noisy"), py::arg("real"), py::arg("weights"), py::arg("reduction"));
-  m.def("stability_backward", &stability_backward, "Gradients of the penalty: (grads_clean, grads_noisy)",
-        py::arg("grad"), py::arg("clean"), py::arg("noisy"), py::arg("real"), py::arg("weights"), py::arg("reduction"));
+  m.def("stability_backward", &stability_backward, "Writes the gradients of the penalty into grads_clean, grads_noisy",
+        py::arg("grad"), py::arg("clean"), py::arg("noisy"), py::arg("real"), py::arg("weights"), py::arg("reduction"),
+        py::arg("grads_clean"), py::arg("grads_noisy"), py::arg("clean_zero") = false);
 }
