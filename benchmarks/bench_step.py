@@ -22,7 +22,7 @@ import gc
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from common import RESULTS, measure, write_results
+from common import RESULTS, measure, results_folder, write_results
 from render import SPECS, label, render
 
 # BertConfig arguments; the defaults are BERT-base's.
@@ -148,7 +148,8 @@ def main(argv=None) -> None:
     p.add_argument("--reps", type=int, default=None, help="timed steps per case (default 10; 3 with --quick)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 3; 1 with --quick)")
     p.add_argument("--no-amp", action="store_true", help="no bf16 autocast on the GPU (the CPU never uses it)")
-    p.add_argument("--results", default=str(RESULTS), help="folder for the CSV, markdown and PNG (default: %(default)s)")
+    p.add_argument("--results", default=None, help=f"folder for the CSV, markdown and PNG (default: {RESULTS}; a "
+                                                   "temporary folder with --quick)")
     args = p.parse_args(argv)
     from transformers import BertConfig
 
@@ -167,6 +168,7 @@ def main(argv=None) -> None:
     warmup = args.warmup if args.warmup is not None else 1 if args.quick else 3
     amp = device.type == "cuda" and not args.no_amp
     total, done, path = len(sizes) * len(batches) * len(cases), 0, None
+    out = results_folder(args.results, args.quick)
     for size, overrides in sizes.items():
         config = BertConfig(**overrides)
         for b in batches:
@@ -178,7 +180,7 @@ def main(argv=None) -> None:
                     ft_ms = result["median_ms"] or None
                 ratio = result["median_ms"] / ft_ms if ft_ms and result["median_ms"] else ""
                 row = {**case, "size": size, "batch": b, "seq": seq, "amp": "bf16" if amp else "none", **result, "x_ft": ratio}
-                path = write_results("step", [row], device, args.results)
+                path = write_results("step", [row], device, out)
                 done += 1
                 summary = result["note"] or f"{result['median_ms']:.4g} ms [{result['p20_ms']:.4g}–{result['p80_ms']:.4g}]"
                 summary += f", {ratio:.2f}x FT" if ratio else ""

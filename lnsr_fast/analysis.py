@@ -2,7 +2,7 @@
 spectrum of the noises themselves (paper Fig. 6).
 
 `noise_propagation` perturbs the word embeddings (or any hidden state, `inject_at`) with the same kind of
-ε the LNSR step adds (DESIGN.md §1) and measures, at every hidden state, how far the noisy representation
+ε the LNSR step adds (docs/design.md §1) and measures, at every hidden state, how far the noisy representation
 moves relative to the clean one; `injection_profiles` does it for several injection positions.
 `plot_noise_propagation` and `write_noise_propagation_csv` turn profiles into a figure and a table.
 `noise_spectrum`, `plot_spectrum` and `write_spectrum_csv` do the same for the noises' spectra.

@@ -1,6 +1,6 @@
 """Neighbour tables for in-manifold noise: the k nearest vocabulary rows of every vocabulary row.
 
-Built once (and on `refresh_every`), so that each training step only gathers rows (DESIGN.md §2).
+Built once (and on `refresh_every`), so that each training step only gathers rows (docs/design.md §2).
 Both builders are exact: an fp32 search proposes a few extra candidates, whose distances are then
 recomputed in float64 and sorted (ties broken by index), so the torch and faiss tables agree.
 """

@@ -59,14 +59,15 @@ def test_bench_noise_quick(tmp_path):
     assert_rendered(path, "| variant | 2000x128 float32 |")
 
 
-def test_quick_runs_never_write_into_the_committed_results():
+@pytest.mark.parametrize("script,args", [("bench_stability.py", ()), ("bench_step.py", ("--methods", "ft"))])
+def test_quick_runs_never_write_into_the_committed_results(script, args):
     """--quick without --results writes into a new temporary folder, never benchmarks/results/."""
     committed = ROOT / "benchmarks" / "results"
     before = {p: p.stat().st_mtime_ns for p in committed.glob("*")}
-    out = run("bench_stability.py", "--quick")
+    out = run(script, "--quick", *args)
     assert {p: p.stat().st_mtime_ns for p in committed.glob("*")} == before
     folder = Path(out.split("--quick: writing to ", 1)[1].split()[0])
-    assert folder != committed and list(folder.glob("stability_*.csv"))
+    assert folder != committed and list(folder.glob(f"{script[6:-3]}_*.csv"))
 
 
 def test_bench_stability_quick(tmp_path):
