@@ -19,7 +19,8 @@ import os
 import sys
 
 from .data import CORPORA
-from .experiment import DEMO, QUICK, ExperimentConfig, demo_config, finetune, profile, run_experiment
+from .experiment import (DEMO, QUICK, ExperimentConfig, demo_config, finetune, parse_assignments, profile,
+                         run_experiment)
 from .methods import METHODS
 from .methods import defaults as method_defaults
 from .noise import MAX_RATIO
@@ -32,57 +33,6 @@ LNSR_OPTIONS = {"lnsr": ("ratio", "weight", "mode", "dropout", "reduction"),
 
 def _log(line: str) -> None:
     print(line, flush=True)
-
-
-# ------------------------------------------------------------------------------------ [METHOD:]KEY=VALUE
-def parse_value(text: str):
-    """A KEY=VALUE option's value: int, float, true/false, none, or a comma-separated list of those ("1,2",
-    "3,"); anything else stays a string."""
-    if "," in text:
-        return [parse_value(t) for t in text.split(",") if t.strip()]
-    text = text.strip()
-    if text.lower() in ("true", "false"):
-        return text.lower() == "true"
-    if text.lower() == "none":
-        return None
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return text
-
-
-def parse_assignments(items, methods, option: str, many: bool) -> dict[str, dict]:
-    """`[METHOD:]KEY=VALUE` options as {method: {key: value}} (methods without any left out); with many=True
-    each VALUE is a comma-separated list (the grid). Without METHOD the key goes to every method of `methods`
-    that has that hyperparameter. ValueError naming the option when it is malformed or its key belongs to none
-    of the methods."""
-    out: dict[str, dict] = {m: {} for m in methods}
-    for item in items or ():
-        target, key_value = (item.split(":", 1) if ":" in item.split("=", 1)[0] else (None, item))
-        key, sep, value = key_value.partition("=")
-        key = key.strip().replace("-", "_")
-        if not sep or not key:
-            raise ValueError(f"{option} expects [METHOD:]KEY=VALUE, got {item!r}")
-        if target is not None and target not in methods:
-            raise ValueError(f"{option} {item!r}: method {target!r} is not among the methods {list(methods)}")
-        if not value.strip(" ,"):
-            raise ValueError(f"{option} {item!r} has no value")
-        parsed = parse_value(value)
-        if many and not isinstance(parsed, list):
-            parsed = [parsed]
-        chosen = [target] if target is not None else [m for m in methods if key in method_defaults(m)]
-        if not chosen or any(key not in method_defaults(m) for m in chosen):
-            owners = sorted(m for m in METHODS if key in method_defaults(m))
-            single = target or (methods[0] if len(methods) == 1 else None)
-            where = (f"{single} (its hyperparameters are {sorted(method_defaults(single)) or 'none'})" if single
-                     else f"any of {list(methods)}")
-            raise ValueError(f"{option} {item!r}: {key!r} is not a hyperparameter of {where}; methods that have "
-                             f"it: {owners or 'none'}")
-        for m in chosen:
-            out[m][key] = parsed
-    return {m: hp for m, hp in out.items() if hp}
 
 
 def method_args(method: str, args) -> dict:

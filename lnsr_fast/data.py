@@ -147,16 +147,16 @@ def read_table(path: str, encoding: str = "utf-8") -> Table:
     return table
 
 
-def check_columns(table: Table, columns: dict[str, str | None]) -> None:
+def check_columns(table: Table, columns: dict[str, str | None], nullable: tuple = ()) -> None:
     """ValueError naming the option, the column and the file when a column is absent, or the rows where
-    it is missing or null."""
+    it is missing or null (allowed in the columns of `nullable`)."""
     for option, column in columns.items():
         if column is None:
             continue
         if column not in table.columns:
             raise ValueError(f"column {column!r} (given by {option}) is not in {table.path!r}; "
                              f"its columns are {table.columns}")
-        bad = [i for i, r in enumerate(table.rows) if r.get(column) is None]
+        bad = [] if column in nullable else [i for i, r in enumerate(table.rows) if r.get(column) is None]
         if bad:
             raise ValueError(f"column {column!r} (given by {option}) is missing or null in {table.where(bad)} "
                              f"of {table.path!r}")
@@ -175,8 +175,8 @@ def labelled_examples(table: Table, text_column: str, label_column: str, pair_co
     one of the file's labels, is a quote left open that merged rows: ValueError naming the line.
     """
     check_columns(table, {"--text-column": text_column, "--label-column": label_column,
-                          "--text-pair-column": pair_column})
-    missing = [i for i, r in enumerate(table.rows) if _is_missing(r[label_column])]
+                          "--text-pair-column": pair_column}, nullable=(label_column,))
+    missing = [i for i, r in enumerate(table.rows) if _is_missing(r.get(label_column))]
     if missing and not drop_missing_labels:
         raise ValueError(f"column {label_column!r} of {table.path!r} has no label in {table.where(missing)} "
                          f"(empty, null or NaN-like); fill them in, or drop those rows with --drop-missing-labels")

@@ -42,14 +42,15 @@ def test_missing_and_nan_labels_are_errors_naming_the_file_and_lines(tmp_path, l
     assert texts == ["a", "c"] and labels == ["pos", "neg"] and pairs is None and t.where(dropped) == "lines 3, 5"
 
 
-def test_null_and_nan_labels_of_json_lines(tmp_path):
+def test_null_missing_and_nan_labels_of_json_lines(tmp_path):
     path = table(tmp_path, "d.jsonl", '{"t": "a", "l": "x"}\n\n{"t": "b", "l": null}\n{"t": "c", "l": NaN}\n'
-                                      '{"t": "d", "l": "y"}\n')
-    with pytest.raises(ValueError, match="missing or null in line 3"):
-        data.labelled_examples(data.read_table(path), "t", "l")
-    path = table(tmp_path, "e.jsonl", '{"t": "a", "l": "x"}\n{"t": "c", "l": NaN}\n{"t": "d", "l": 2}\n')
-    with pytest.raises(ValueError, match="has no label in line 2 "):
-        data.labelled_examples(data.read_table(path), "t", "l")
+                                      '{"t": "d", "l": "y"}\n{"t": "e"}\n')
+    t = data.read_table(path)
+    with pytest.raises(ValueError, match="has no label in lines 3, 4, 6 "):
+        data.labelled_examples(t, "t", "l")
+    assert data.labelled_examples(t, "t", "l", drop_missing_labels=True)[2] == ["x", "y"]
+    with pytest.raises(ValueError, match="column 't' \\(given by --text-column\\) is missing or null in line 2"):
+        data.labelled_examples(data.read_table(table(tmp_path, "e.jsonl", '{"t": "a", "l": 1}\n{"l": 2}\n')), "t", "l")
 
 
 @pytest.mark.parametrize("content, match", [

