@@ -86,6 +86,7 @@ def test_finetune_csv_string_labels(tiny_model, csv_file, tmp_path, capsys):
     assert run_["resolved"]["k"] == 4 and run_["resolved"]["weight"] == 0.02 and run_["resolved"]["ratio"] == 0.1
     assert "- lnsr_in_manifold: weight=0.02, layers=None" in (out_dir / "summary.md").read_text()
     assert "| method | hyperparameters | runs | dev acc mean ± std |" in out and len(table_rows(out)) == 1
+    assert out.index("checking 1 method configuration(s)") < out.index("| method |")   # the table built first
     saved = BertForSequenceClassification.from_pretrained(out_dir / "model")
     assert saved.config.id2label == {0: "neg", 1: "pos"}
 

@@ -29,8 +29,9 @@ from .plotting import plot_box, plot_profiles
 from .recording import RunLog, check_writable, file_errors, run_key, write_reports
 from .statistics import grid_table, markdown_summary, select, summarize
 
-# Optimizer steps at the start of every run left out of its step time: the first step allocates and
-# initialises what later steps reuse, and took many times a later step (it once showed LNSR at 0.07× FT).
+# Optimizer steps at the start of every run left out of its step time: the first allocates and initialises
+# what later steps reuse (2–3× a later step on MiniLM, 2 CPU cores; the steps after it agree within ~10%). A
+# run of one step, whose only step was counted, once showed LNSR at 0.07× FT; it now has no step time.
 WARMUP_STEPS = 1
 
 
@@ -385,6 +386,7 @@ def finetune(model: str, train: str, text_column: str, label_column: str, *, dev
     n_steps = steps_per_run(len(train_data), batch_size, epochs)
     log(f"lnsr-fast finetune: {model} on {len(train_data)} examples ({len(names)} labels), dev {len(dev_data)}, "
         f"method {method}, {n_steps} steps")
+    check_methods(classifier, tokenizer, train_data, [(method, hparams)], log)
     bar = Progress(n_steps, disable=not progress)
     try:
         t = train_one(classifier, tokenizer, train_data, method, hparams, seed, bar, method, epochs=epochs,
