@@ -274,7 +274,7 @@ def run_experiment(cfg: ExperimentConfig, log=print) -> dict:
                            "settings": settings, **metrics, "gap": metrics["train_accuracy"] - metrics["test_accuracy"],
                            **t, "profile": {str(r): v for r, v in profile(model).items()}})
             done.add(key)
-            accuracy = ", ".join(f"{split} {100 * metrics[f'{split}_accuracy']:.1f}" for split in ("val", "test", "train"))
+            accuracy = ", ".join(f"{s} {100 * metrics[f'{s}_accuracy']:.1f}" for s in ("val", "test", "train"))
             progress.log(log, f"run {len(visited)}/{total} {method} {json.dumps(hparams, sort_keys=True)} seed {seed}: "
                               f"accuracy {accuracy}; {t['train_runtime_s']:.0f} s")
 
@@ -296,11 +296,12 @@ def run_experiment(cfg: ExperimentConfig, log=print) -> dict:
         what = (f"{model_name} on {source['corpus']}: {len(train)} training examples, {cfg.epochs} epochs, "
                 f"batch {cfg.batch_size}, lr {cfg.lr:g}, max_length {cfg.max_length}; test {len(test)}, "
                 f"validation {len(val)}; seeds {cfg.seeds}")
-        description = (f"{what}. Each method's grid point was chosen by mean validation "
-                       "accuracy; the table reports its test metrics over all seeds (std: sample, ddof 1; p: Welch's "
-                       "t-test of test accuracy against FT, and the paired t-test over the seeds both share: a seed "
-                       f"fixes the classifier's initialisation and the data order for every method; {_step_note()}).")
         has_grid = any(len(pts) > 1 for pts in points.values())
+        choice = "Each method's grid point was chosen by mean validation accuracy; the table reports its" if has_grid \
+            else "The table reports each method's"
+        description = (f"{what}. {choice} test metrics over all seeds (std: sample, ddof 1; p: Welch's t-test of test "
+                       "accuracy against FT, and the paired t-test over the seeds both share: a seed fixes the "
+                       f"classifier's initialisation and the data order for every method; {_step_note()}).")
         write_reports(cfg.output, title="lnsr-fast experiment", description=description, summary=summary,
                       resolved=resolved, grid=grid if has_grid else None, metrics={
                           "settings": settings, "data": {**source, "train": len(train), "val": len(val),
@@ -308,8 +309,8 @@ def run_experiment(cfg: ExperimentConfig, log=print) -> dict:
                           "methods": {m: {"chosen": chosen[m], "resolved": resolved[m]} for m in cfg.methods},
                           "seeds": cfg.seeds, "warmup_steps_excluded": WARMUP_STEPS, "summary": summary, "grid": grid,
                           "wall_time_s": time.perf_counter() - start, "environment": _environment()})
-        plot_box(records, chosen, os.path.join(cfg.output, "boxplot.png"),
-                 title="Test accuracy over seeds, each method at its grid point chosen on validation", note=what)
+        plot_box(records, chosen, os.path.join(cfg.output, "boxplot.png"), note=what, title="Test accuracy over seeds"
+                 + (", each method at its grid point chosen on validation" if has_grid else ""))
         if probe:
             plot_profiles(records, chosen, pretrained_profile, os.path.join(cfg.output, "noise_propagation.png"),
                           os.path.join(cfg.output, "noise_propagation.csv"),
