@@ -6,14 +6,13 @@ the shape, dtype and device of `inputs_embeds`: ‖ε_t‖ = ratio·‖x_t‖ fo
 """
 from __future__ import annotations
 
-import math
 import weakref
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from .checks import check_choice, is_int, is_real
+from .checks import check_choice, check_int, check_real, is_int, is_real
 from .kernels import BACKENDS, check_supported, ops, reference, resolve_backend
 from .neighbors import KNN_BACKENDS, build_neighbor_table, check_embedding_matrix
 
@@ -30,12 +29,16 @@ def _mix(*values: int) -> int:
     return h >> 1
 
 
-def _check_ratio(ratio) -> float:
+# The largest noise ratio a sampler accepts: ε ten times the embedding itself is beyond any use of LNSR
+# (the paper: 0.05 and 0.1), while ratios near fp32's range turn ε into inf.
+MAX_RATIO = 10.0
+
+
+def check_ratio(ratio, name: str = "ratio") -> float:
+    """`ratio` as a float in (0, MAX_RATIO]; TypeError/ValueError naming `name` otherwise."""
     if not is_real(ratio):
-        raise TypeError(f"ratio must be a float, got {type(ratio).__name__}")
-    if not math.isfinite(ratio) or ratio <= 0:
-        raise ValueError(f"ratio must be finite and > 0, got {ratio}")
-    return float(ratio)
+        raise TypeError(f"{name} must be a float, got {type(ratio).__name__}")
+    return check_real(name, ratio, 0.0, MAX_RATIO, open_minimum=True)
 
 
 # The ids tensor last found in range: (weak reference, its version counter, vocab_size).
@@ -98,11 +101,17 @@ class _NoiseSampler:
     Each call draws with a seed derived from (seed, rank, step): a run is reproducible on the same
     backend, DDP ranks draw different noise, and restoring `step` resumes the exact sequence.
     backend: "auto" | "cuda" | "triton" | "torch", resolved per call for the device of the inputs
-    (see lnsr_fast.kernels).
+    (see lnsr_fast.kernels). settings: a subclass's other settings, refused like ratio and seed when they
+    are tensors (the class called in place of an instance).
     """
 
-    def __init__(self, ratio: float, seed: int, backend: str):
-        self.ratio = _check_ratio(ratio)
+    def __init__(self, ratio: float, seed: int, backend: str, *settings):
+        if any(isinstance(v, torch.Tensor) for v in (ratio, seed, *settings)):
+            # `LNSR(model, GaussianNoise)` calls the class with (input_ids, inputs_embeds, mask)
+            raise TypeError(f"{type(self).__name__} was given tensors as its settings: the class itself was "
+                            "passed where a noise sampler is expected; pass an instance such as "
+                            "GaussianNoise(ratio=0.05, seed=0) or InManifoldNoise(embedding, k=10, ratio=0.1, seed=0)")
+        self.ratio = check_ratio(ratio)
         if not is_int(seed):
             raise TypeError(f"seed must be an int, got {type(seed).__name__}")
         check_choice("backend", backend, BACKENDS)
@@ -122,17 +131,42 @@ class _NoiseSampler:
         return self(input_ids, inputs_embeds, attention_mask)
 
     def state_dict(self) -> dict:
+        """What resumes the draws: the settings (seed, ratio) and the step."""
         return {"seed": self.seed, "step": self.step, "ratio": self.ratio}
 
     def load_state_dict(self, state: dict) -> None:
-        self.seed, self.step, self.ratio = int(state["seed"]), int(state["step"]), float(state["ratio"])
+        """Resume from a `state_dict()`: only into a sampler of the same kind built with the same settings
+        (seed, ratio; in-manifold also k), since restoring other settings over the configured ones would
+        draw noise that neither configuration describes. Every entry is checked first (types, bounds; the
+        neighbour table's dtype, shape and ids against the embedding), so a bad state changes nothing:
+        TypeError/ValueError naming the entry, with both values where a setting differs."""
+        self._check_state(state)
+        self.step = state["step"]
+
+    def _check_state(self, state) -> None:
+        name = type(self).__name__
+        if not isinstance(state, dict):
+            raise TypeError(f"{name}.load_state_dict expects the dict of a state_dict(), got {type(state).__name__}")
+        expected = set(self.state_dict())
+        if set(state) != expected:
+            kind = "an InManifoldNoise" if "table" in state else "a GaussianNoise"
+            raise ValueError(f"state has the entries {sorted(state)}, {name} expects {sorted(expected)}: "
+                             f"is it the state of {kind} sampler?")
+        if not is_int(state["seed"]):
+            raise TypeError(f"state['seed'] must be an int, got {state['seed']!r}")
+        check_int("state['step']", state["step"], 0)
+        check_ratio(state["ratio"], "state['ratio']")
+        for setting in ("seed", "ratio", "k"):
+            if setting in state and state[setting] != getattr(self, setting):
+                raise ValueError(f"state['{setting}'] is {state[setting]!r} but this {name} was built with "
+                                 f"{setting}={getattr(self, setting)!r}; build it with the state's settings to resume")
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(ratio={self.ratio}, seed={self.seed}, step={self.step}, backend={self.backend!r})"
 
 
 class GaussianNoise(_NoiseSampler):
-    """Standard LNSR noise: Gaussian ε rescaled per token to ‖ε_t‖ = ratio·‖x_t‖.
+    """Standard LNSR noise: Gaussian ε rescaled per token to ‖ε_t‖ = ratio·‖x_t‖, ratio in (0, MAX_RATIO].
 
     >>> noise = GaussianNoise(ratio=0.05, seed=0)
     >>> eps = noise(input_ids, inputs_embeds, attention_mask)   # input_ids may be None here
@@ -174,12 +208,24 @@ def embedding_scale(embedding) -> float:
     return scale
 
 
+def _check_embedding(weight) -> None:
+    # Before the matrix's values are read: a meta tensor has none, and an empty one has no neighbours.
+    if isinstance(weight, torch.Tensor) and weight.device.type == "meta":
+        raise ValueError("embedding is on the meta device (a model created without its weights): load the "
+                         "weights before building InManifoldNoise")
+    if isinstance(weight, torch.Tensor) and weight.dim() == 2 and 0 in weight.shape:
+        raise ValueError(f"embedding has shape {tuple(weight.shape)}: neighbours need at least one row and one "
+                         "feature")
+    check_embedding_matrix(weight)
+
+
 class InManifoldNoise(_NoiseSampler):
     """In-manifold LNSR noise: an isotropic Gaussian inside the span of each token's k nearest
     vocabulary embeddings (differences to the token, orthonormalised by modified Gram–Schmidt in fp32),
-    rescaled per token to ‖ε_t‖ = ratio·‖x_t‖. backend: as for GaussianNoise.
+    rescaled per token to ‖ε_t‖ = ratio·‖x_t‖. ratio and backend: as for GaussianNoise.
 
-    embedding: the model's input-embedding module (or its [vocab, dim] weight); the neighbour table is
+    embedding: the model's input-embedding module (or its [vocab, dim] weight) with real values (not on
+    the meta device) and at least one row and one feature; the neighbour table is
     built from it at construction and rebuilt every `refresh_every` calls (None: never, since
     embeddings move little at fine-tuning learning rates). A token whose neighbour differences span
     nothing (e.g. tied rows) falls back to Gaussian noise; `fallback_count` counts them.
@@ -190,11 +236,11 @@ class InManifoldNoise(_NoiseSampler):
 
     def __init__(self, embedding, k: int = 10, ratio: float = 0.1, seed: int = 0, refresh_every: int | None = None,
                  knn_backend: str = "auto", rank_tol: float = reference.DEFAULT_RANK_TOL, backend: str = "auto"):
-        super().__init__(ratio, seed, backend)
+        super().__init__(ratio, seed, backend, k)
         if isinstance(embedding, nn.Module) and not isinstance(getattr(embedding, "weight", None), torch.Tensor):
             raise TypeError(f"embedding must be an nn.Embedding or a [vocab, dim] tensor, got {type(embedding).__name__}")
         self._weight_of = (lambda: embedding.weight) if isinstance(embedding, nn.Module) else (lambda: embedding)
-        check_embedding_matrix(self._weight_of())
+        _check_embedding(self._weight_of())
         self.embed_scale = embedding_scale(embedding)
         if refresh_every is not None and (not is_int(refresh_every) or refresh_every < 1):
             raise ValueError(f"refresh_every must be None or a positive int, got {refresh_every!r}")
@@ -229,6 +275,9 @@ class InManifoldNoise(_NoiseSampler):
             raise ValueError(f"inputs_embeds has width {inputs_embeds.shape[-1]} but the embedding matrix has {weight.shape[1]}")
         if weight.device != inputs_embeds.device:
             raise ValueError(f"inputs_embeds is on {inputs_embeds.device} but the embedding matrix on {weight.device}")
+        if self.table.shape[0] != weight.shape[0]:   # the kernels index the table with ids < weight.shape[0]
+            raise ValueError(f"the neighbour table has {self.table.shape[0]} rows but the embedding now has "
+                             f"{weight.shape[0]} (the vocabulary was resized): call refresh()")
         if self.refresh_every is not None and self.step - self._table_step >= self.refresh_every:
             self.refresh()
         x = inputs_embeds.detach().reshape(-1, inputs_embeds.shape[-1])
@@ -246,12 +295,25 @@ class InManifoldNoise(_NoiseSampler):
                 "fallback_count": int(self.fallback_count)}
 
     def load_state_dict(self, state: dict) -> None:
-        table = state["table"]
-        if table.dim() != 2 or table.shape[1] != state["k"] or table.shape[0] != self._weight_of().shape[0]:
-            raise ValueError(f"state's neighbour table has shape {tuple(table.shape)}, expected "
-                             f"({self._weight_of().shape[0]}, {state['k']})")
         super().load_state_dict(state)
-        self.k = int(state["k"])
-        self.table = table.to(self._weight_of().device, torch.int32)
-        self._table_step = int(state["table_step"])
+        self.table = state["table"].to(self._weight_of().device, torch.int32)
+        self._table_step = state["table_step"]
         self.fallback_count = torch.tensor(state["fallback_count"], device=self.table.device)
+
+    def _check_state(self, state) -> None:
+        super()._check_state(state)
+        table, vocab = state["table"], self._weight_of().shape[0]
+        if not isinstance(table, torch.Tensor) or table.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"state['table'] must be an int32 or int64 tensor, got "
+                            f"{getattr(table, 'dtype', type(table).__name__)}")
+        if tuple(table.shape) != (vocab, self.k):
+            raise ValueError(f"state['table'] has shape {tuple(table.shape)}, expected ({vocab}, {self.k}) for this "
+                             f"embedding and k")
+        if table.numel() and not 0 <= int(table.min()) <= int(table.max()) < vocab:
+            # the kernels gather embedding rows through it: an id outside [0, vocab) reads outside the weight
+            raise ValueError(f"state['table'] holds ids in [{int(table.min())}, {int(table.max())}], expected ids "
+                             f"in [0, {vocab})")
+        check_int("state['table_step']", state["table_step"], 0)
+        if state["table_step"] > state["step"]:
+            raise ValueError(f"state['table_step'] {state['table_step']} is after state['step'] {state['step']}")
+        check_int("state['fallback_count']", state["fallback_count"], 0)

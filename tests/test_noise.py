@@ -327,7 +327,7 @@ def test_zero_rank_neighbour_differences_fall_back_to_gaussian():
         assert abs(torch.nn.functional.cosine_similarity(eps[i, j], direction, dim=0)) > 1 - 1e-5
     noise(ids, x, mask)
     assert int(noise.fallback_count) == 4
-    resumed = InManifoldNoise(w, k=1, ratio=0.1, seed=1, knn_backend="torch")
+    resumed = InManifoldNoise(w, k=1, ratio=0.1, seed=0, knn_backend="torch")
     resumed.load_state_dict(noise.state_dict())
     assert int(resumed.fallback_count) == 4
     # the reference reports which tokens fell back
@@ -415,8 +415,8 @@ def test_resume_from_state_dict(kind):
     torch.save(a.state_dict(), buf)
     buf.seek(0)
     state = torch.load(buf)
-    # B starts from a different seed (and, in-manifold, a different k, hence a different table).
-    b = make_sampler(kind, w, seed=123) if kind == "gaussian" else make_sampler(kind, w, seed=123, k=3)
+    # B has A's settings; it resumes A's sequence.
+    b = make_sampler(kind, w, seed=7)
     b.load_state_dict(state)
     assert b.step == a.step and b.seed == a.seed and b.ratio == a.ratio
     if kind == "in_manifold":
@@ -671,13 +671,112 @@ def test_bad_in_manifold_options(kw, match):
         InManifoldNoise(make_vocab(), k=K, **{"knn_backend": "torch", **kw})
 
 
-@pytest.mark.parametrize("table_shape", [(V, K + 1), (V - 1, K), (V + 1, K), (V * K,)])
-def test_load_state_dict_rejects_wrong_table(table_shape):
+# ------------------------------------------------------------------------------------ saved sampler state
+
+def _in_manifold_state(**changes):
+    state = make_sampler("in_manifold").state_dict()
+    state.update(changes)
+    return state
+
+
+def _refused(sampler, state, exc, match):
+    """load_state_dict raises and leaves the sampler as it was."""
+    before = sampler.state_dict()
+    with pytest.raises(exc, match=match):
+        sampler.load_state_dict(state)
+    after = sampler.state_dict()
+    assert before.keys() == after.keys() and all(
+        torch.equal(a, after[k]) if isinstance(a, torch.Tensor) else a == after[k] for k, a in before.items())
+
+
+@pytest.mark.parametrize("table, exc, match", [
+    (torch.full((V, K), -1, dtype=torch.int32), ValueError, r"ids in \[-1, -1\], expected ids in \[0, 64\)"),
+    (torch.full((V, K), V, dtype=torch.int32), ValueError, r"ids in \[64, 64\]"),
+    (torch.zeros(V, K + 1, dtype=torch.int32), ValueError, r"shape \(64, 6\), expected \(64, 5\)"),
+    (torch.zeros(V - 1, K, dtype=torch.int32), ValueError, "shape"),
+    (torch.zeros(V * K, dtype=torch.int32), ValueError, "shape"),
+    (torch.zeros(V, K, dtype=torch.float32), TypeError, "int32 or int64"),
+    ([[0] * K] * V, TypeError, "int32 or int64")])
+def test_load_state_dict_checks_the_table_against_the_embedding(table, exc, match):
+    # A table of -1 made the Triton kernel read before the weight buffer, and the torch one use the last row.
+    _refused(make_sampler("in_manifold"), _in_manifold_state(table=table), exc, match)
+
+
+@pytest.mark.parametrize("kind", SAMPLERS)
+@pytest.mark.parametrize("entry, value, exc, match", [
+    ("ratio", math.nan, ValueError, r"state\['ratio'\] must be finite"), ("ratio", -1.0, ValueError, "ratio"),
+    ("ratio", 1e38, ValueError, "ratio"), ("ratio", "0.1", TypeError, "ratio"),
+    ("step", -1, ValueError, r"state\['step'\] must be >= 0"), ("step", 1.5, TypeError, "step"),
+    ("seed", "0", TypeError, r"state\['seed'\]")])
+def test_load_state_dict_checks_bounds(kind, entry, value, exc, match):
+    sampler = make_sampler(kind)
+    _refused(sampler, {**sampler.state_dict(), entry: value}, exc, match)
+
+
+@pytest.mark.parametrize("entry, value, match", [("table_step", 3, "table_step.*after"),
+                                                 ("table_step", -1, "table_step"),
+                                                 ("fallback_count", -2, "fallback_count")])
+def test_load_state_dict_checks_the_in_manifold_counters(entry, value, match):
+    _refused(make_sampler("in_manifold"), _in_manifold_state(**{entry: value}), ValueError, match)
+
+
+@pytest.mark.parametrize("kind", SAMPLERS)
+@pytest.mark.parametrize("setting, other", [("seed", 1), ("ratio", 0.2), ("k", 3)])
+def test_a_state_of_other_settings_is_an_error_naming_both(kind, setting, other):
+    # The state's k / ratio / seed used to override the configured ones silently.
+    if kind == "gaussian" and setting == "k":
+        pytest.skip("GaussianNoise has no k")
     w = make_vocab()
-    a = make_sampler("in_manifold", w)
-    state = a.state_dict()
-    state["table"] = torch.zeros(table_shape, dtype=torch.int32)
-    b = make_sampler("in_manifold", w, seed=1)
-    with pytest.raises(ValueError, match="table"):
-        b.load_state_dict(state)
-    assert b.seed == 1 and b.k == K  # nothing was half-loaded
+    state = make_sampler(kind, w, **{setting: other}).state_dict()
+    configured = make_sampler(kind, w).state_dict()[setting]
+    _refused(make_sampler(kind, w), state, ValueError,
+             rf"state\['{setting}'\] is {other!r} but this \w+Noise was built with {setting}={configured!r}")
+
+
+def test_a_state_of_the_other_sampler_kind_is_a_clear_error():
+    gaussian, in_manifold = make_sampler("gaussian"), make_sampler("in_manifold")
+    # Used to be a bare KeyError: 'table'.
+    _refused(in_manifold, gaussian.state_dict(), ValueError, "state of a GaussianNoise sampler")
+    _refused(gaussian, in_manifold.state_dict(), ValueError, "state of an InManifoldNoise sampler")
+    _refused(gaussian, [1, 2], TypeError, "dict")
+
+
+def test_a_resized_vocabulary_needs_a_refresh():
+    emb = nn.Embedding(V, D)
+    noise = InManifoldNoise(emb, k=K, ratio=0.1, seed=0, knn_backend="torch")
+    emb.weight = nn.Parameter(torch.randn(V + 8, D))   # resize_token_embeddings
+    ids = torch.tensor([[1, V + 3]])
+    with pytest.raises(ValueError, match=f"table has {V} rows but the embedding now has {V + 8}.*refresh"):
+        noise(ids, emb(ids).detach())
+    noise.refresh()
+    assert noise(ids, emb(ids).detach()).shape == (1, 2, D)
+
+
+# ------------------------------------------------------------------------------------------- bounds
+
+@pytest.mark.parametrize("kind", SAMPLERS)
+def test_ratio_has_a_documented_maximum(kind):
+    assert make_sampler(kind, ratio=noise_module.MAX_RATIO).ratio == noise_module.MAX_RATIO
+    for ratio in (noise_module.MAX_RATIO * 1.01, 1e38):   # 1e38 made ε inf
+        with pytest.raises(ValueError, match=r"ratio must be finite and in \(0.0, 10.0\]"):
+            make_sampler(kind, ratio=ratio)
+
+
+@pytest.mark.parametrize("embedding, match", [
+    (nn.Embedding(V, 0), r"shape \(64, 0\)"), (torch.zeros(V, 0), r"shape \(64, 0\)"),
+    (torch.zeros(0, D), r"shape \(0, 16\)"), (nn.Embedding(V, D, device="meta"), "meta device"),
+    (torch.empty(V, D, device="meta"), "meta device")])
+def test_empty_and_meta_embeddings_are_refused_at_construction(embedding, match):
+    # Used to fail inside torch.unique, .max() or .item().
+    with pytest.raises(ValueError, match=rf"embedding .*{match}|{match}"):
+        InManifoldNoise(embedding, k=2, knn_backend="torch")
+
+
+@pytest.mark.parametrize("kind", SAMPLERS)
+def test_the_class_passed_instead_of_an_instance_says_so(kind):
+    """`LNSR(model, GaussianNoise)` calls the class with the batch: say that, not "ratio must be a float"."""
+    cls = GaussianNoise if kind == "gaussian" else InManifoldNoise
+    ids, x, mask = make_batch(make_vocab())
+    for args in ((ids, x, mask), (ids, x)):
+        with pytest.raises(TypeError, match=f"{cls.__name__} was given tensors.*the class itself.*instance"):
+            cls(*args)

@@ -1,0 +1,148 @@
+"""The statistics of an experiment (docs/design.md §7): which runs belong to a grid point, the choice of a
+point on validation data, and the summary over seeds (mean, sample std, max, p-values against FT, step
+time) as rows and markdown tables."""
+from __future__ import annotations
+
+import json
+import math
+import statistics
+
+import numpy as np
+
+from .config import identity, resolve
+
+
+def runs_of(records: list[dict], method: str, point: dict, seeds=None) -> list[dict]:
+    """The records of `method` at grid point `point` (with the given seeds, or all)."""
+    target = identity(resolve(method, point))
+    return [r for r in records if r["method"] == method and identity(r["resolved"]) == target
+            and (seeds is None or r["seed"] in seeds)]
+
+
+def select(records: list[dict], method: str, points: list[dict], seeds: list[int]) -> dict:
+    """The grid point of `method` with the highest mean validation accuracy over `seeds` (the first of
+    `points` on a tie). Reads only `val_accuracy`: test metrics cannot influence the choice."""
+    def score(point):
+        vals = [r["val_accuracy"] for r in runs_of(records, method, point, seeds)]
+        return statistics.fmean(vals) if vals else -math.inf
+    return max(points, key=score)   # max keeps the first of equal scores
+
+
+def welch_p_value(a, b) -> float:
+    """Two-sided p-value of Welch's t-test (unequal variances) that means of `a` and `b` differ; NaN with
+    fewer than 2 values on a side, 1.0 when both are constant and equal."""
+    from scipy import stats
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if a.size < 2 or b.size < 2:
+        return float("nan")
+    if np.ptp(a) == 0 and np.ptp(b) == 0:
+        return 1.0 if a[0] == b[0] else 0.0
+    return float(stats.ttest_ind(a, b, equal_var=False).pvalue)
+
+
+def paired_p_value(a: dict, b: dict) -> float:
+    """Two-sided p-value of the paired t-test over the seeds both {seed: value} maps hold. A seed fixes the
+    classifier's initialisation and the data order for every method, so runs of one seed are pairs; NaN
+    with fewer than 2 pairs, 1.0 when every difference is 0."""
+    from scipy import stats
+    seeds = sorted(set(a) & set(b))
+    d = np.array([a[s] - b[s] for s in seeds], dtype=float)
+    if d.size < 2:
+        return float("nan")
+    if np.ptp(d) == 0:
+        return 1.0 if d[0] == 0 else 0.0
+    return float(stats.ttest_rel([a[s] for s in seeds], [b[s] for s in seeds]).pvalue)
+
+
+def _median(values) -> float:
+    # Step times are NaN for a run with no step after its warm-up.
+    values = [v for v in values if not math.isnan(v)]
+    return statistics.median(values) if values else float("nan")
+
+
+def summarize(records: list[dict], chosen: dict[str, dict], split: str = "test", baseline: str = "ft") -> list[dict]:
+    """One row per method over the runs of its chosen grid point: accuracy and macro-F1 on `split` ("test";
+    "dev" for a fine-tuning run) mean, sample std (ddof 1; NaN for one run) and max; mean validation and train
+    accuracy; gap = train − `split` accuracy (mean); the p-values of the `split` accuracies against
+    `baseline`'s, Welch's (the paper's) and paired by seed; the median over runs of each run's median step time
+    and its ratio to the baseline's."""
+    rows = []
+    runs = {m: runs_of(records, m, p) for m, p in chosen.items()}
+    base = runs.get(baseline, [])
+    base_step = _median(r["step_time_ms"] for r in base)
+    sd = lambda v: statistics.stdev(v) if len(v) > 1 else float("nan")
+    for m, rs in runs.items():
+        if not rs:
+            continue
+        acc = [r[f"{split}_accuracy"] for r in rs]
+        f1 = [r[f"{split}_macro_f1"] for r in rs]
+        step = _median(r["step_time_ms"] for r in rs)
+        compared = m != baseline and bool(base)
+        rows.append({
+            "method": m, "hparams": json.dumps(chosen[m], sort_keys=True), "runs": len(rs),
+            f"{split}_accuracy_mean": statistics.fmean(acc), f"{split}_accuracy_std": sd(acc),
+            f"{split}_accuracy_max": max(acc),
+            f"{split}_macro_f1_mean": statistics.fmean(f1), f"{split}_macro_f1_std": sd(f1),
+            f"{split}_macro_f1_max": max(f1),
+            "val_accuracy_mean": statistics.fmean(r.get("val_accuracy", math.nan) for r in rs),
+            "train_accuracy_mean": statistics.fmean(r["train_accuracy"] for r in rs),
+            "gap_mean": statistics.fmean(r["train_accuracy"] - r[f"{split}_accuracy"] for r in rs),
+            "p_value_vs_ft": welch_p_value(acc, [r[f"{split}_accuracy"] for r in base]) if compared else math.nan,
+            "paired_p_value_vs_ft": (paired_p_value({r["seed"]: r[f"{split}_accuracy"] for r in rs},
+                                                    {r["seed"]: r[f"{split}_accuracy"] for r in base})
+                                     if compared else math.nan),
+            "step_time_ms_median": step, "step_time_vs_ft": step / base_step,
+        })
+    return rows
+
+
+def point_label(hparams_json: str) -> str:
+    """A grid point as "k=3, weight=0.1" ("defaults" when empty)."""
+    return ", ".join(f"{k}={v}" for k, v in json.loads(hparams_json).items()) or "defaults"
+
+
+def _number(value, fmt: str = ".2f", scale: float = 1.0, unit: str = "") -> str:
+    return "n/a" if value is None or math.isnan(value) else format(scale * value, fmt) + unit
+
+
+def markdown_summary(rows: list[dict], split: str = "test") -> str:
+    """The summary rows as a markdown table (accuracies in %)."""
+    pct = lambda v: _number(v, scale=100)
+    head = (f"| method | hyperparameters | runs | {split} acc mean ± std | {split} acc max "
+            f"| {split} macro-F1 mean ± std | val acc | train acc | gap (train − {split}) | p vs FT (Welch) "
+            "| p vs FT (paired by seed) | step (ms) | step × FT |")
+    lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
+    for s in rows:
+        lines.append(
+            f"| {s['method']} | {point_label(s['hparams'])} | {s['runs']} "
+            f"| {pct(s[f'{split}_accuracy_mean'])} ± {pct(s[f'{split}_accuracy_std'])} "
+            f"| {pct(s[f'{split}_accuracy_max'])} "
+            f"| {pct(s[f'{split}_macro_f1_mean'])} ± {pct(s[f'{split}_macro_f1_std'])} "
+            f"| {pct(s['val_accuracy_mean'])} | {pct(s['train_accuracy_mean'])} | {pct(s['gap_mean'])} "
+            f"| {_number(s['p_value_vs_ft'], '.3g')} | {_number(s['paired_p_value_vs_ft'], '.3g')} "
+            f"| {_number(s['step_time_ms_median'], '.0f')} | {_number(s['step_time_vs_ft'], unit='×')} |")
+    return "\n".join(lines)
+
+
+def grid_table(records: list[dict], points: dict[str, list[dict]], chosen: dict[str, dict],
+               selection: dict[str, list[int]]) -> list[dict]:
+    """Every grid point's validation score (what the choice saw), one row each, the chosen one marked."""
+    rows = []
+    for m, pts in points.items():
+        for p in pts:
+            vals = [r["val_accuracy"] for r in runs_of(records, m, p, selection[m])]
+            rows.append({"method": m, "hparams": json.dumps(p, sort_keys=True), "seeds": len(vals),
+                         "val_accuracy_mean": statistics.fmean(vals) if vals else math.nan,
+                         "val_accuracy_std": statistics.stdev(vals) if len(vals) > 1 else math.nan,
+                         "chosen": p == chosen.get(m)})
+    return rows
+
+
+def markdown_grid(rows: list[dict]) -> str:
+    """The grid table as markdown (validation accuracy in %; the chosen point in bold)."""
+    lines = ["| method | grid point | seeds | val acc mean ± std | chosen |", "|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['method']} | {point_label(r['hparams'])} | {r['seeds']} "
+                     f"| {_number(r['val_accuracy_mean'], scale=100)} ± {_number(r['val_accuracy_std'], scale=100)} "
+                     f"| {'**yes**' if r['chosen'] else ''} |")
+    return "\n".join(lines)
