@@ -6,18 +6,21 @@ pass; views excluded), and the scalar reads (`_local_scalar_dense`) beyond FT's.
 
 BERT-base and BERT-large shapes with random weights (no downloads), sequence classification, AdamW,
 bf16 autocast on a GPU, T = 128, B in {16, 32, 64, 128}; LNSR and in-manifold LNSR in both modes
-(concat, two_pass) and both dropout settings (shared, independent). Each case starts from a freshly
+(concat, two_pass) and both dropout settings (shared, independent), and in concat mode with a noisy copy of
+only a fraction of the rows (`--fractions`, e.g. 1,0.5,0.25). Each case starts from a freshly
 initialised model, so what a method leaves behind (Mixout's layers, L2-SP's anchor) never reaches the
 next. Peak memory is torch.cuda.max_memory_allocated over the case (weights, optimizer state and
 activations); it is left blank on the CPU, where no allocator statistic isolates one case. One progress
 line per case; rows are appended as they are measured, so an interrupted run keeps what it measured.
 
     python benchmarks/bench_step.py [--quick] [--sizes bert-base] [--batches 32] [--methods ft,lnsr,smart]
+                                    [--fractions 1,0.5,0.25]
 """
 from __future__ import annotations
 
 import argparse
 import gc
+import math
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -36,12 +39,16 @@ LNSR_METHODS = ("lnsr", "lnsr_in_manifold")  # the methods measured in every mod
 MODES, DROPOUTS = ("concat", "two_pass"), ("shared", "independent")
 
 
-def method_cases(names, modes=MODES, dropouts=DROPOUTS) -> list[dict]:
-    """The cases to measure, FT first (the others are reported relative to it)."""
+def method_cases(names, modes=MODES, dropouts=DROPOUTS, fractions=(1.0,)) -> list[dict]:
+    """The cases to measure, FT first (the others are reported relative to it); a fraction below 1 only for the
+    concat mode, whose doubled pass it shrinks."""
     cases = []
     for name in dict.fromkeys(["ft", *names]):
-        settings = [(m, d) for m in modes for d in dropouts] if name in LNSR_METHODS else [("", "")]
-        cases += [{"method": name, "mode": m, "noise": NOISE.get(name, ""), "dropout": d} for m, d in settings]
+        settings = [("", "", "")]
+        if name in LNSR_METHODS:
+            settings = [(m, d, f) for m in modes for d in dropouts for f in fractions if f == 1 or m == "concat"]
+        cases += [{"method": name, "mode": m, "noise": NOISE.get(name, ""), "dropout": d,
+                   "fraction": "" if f in ("", 1) else f} for m, d, f in settings]
     return cases
 
 
@@ -63,7 +70,7 @@ def make_step(config, case: dict, batch: dict, device: torch.device, amp: bool):
     torch.manual_seed(0)
     with torch.device(device):
         model = BertForSequenceClassification(config).to(device).train()
-    hparams = {k: case[k] for k in ("mode", "dropout") if case[k]}
+    hparams = {k: case[k] for k in ("mode", "dropout", "fraction") if case.get(k)}
     handle = lnsr_fast.apply(model, method_config(case["method"], **hparams))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
 
@@ -100,9 +107,10 @@ def added_work(config, case: dict, batch: dict, device: torch.device, amp: bool)
     """(operators, host syncs) of one step of the case beyond those of one FT step on the rows the case's model
     runs: the doubled batch of a one-pass method, the batch itself otherwise."""
     doubled = case["method"] in LNSR_METHODS + ("r3f",) and case["mode"] != "two_pass"
-    plain = {k: torch.cat([v, v]) for k, v in batch.items()} if doubled else batch
+    pairs = math.ceil((case.get("fraction") or 1) * len(batch["labels"]))
+    plain = {k: torch.cat([v, v[:pairs]]) for k, v in batch.items()} if doubled else batch
     counts = []
-    for c, b in ((case, batch), ({"method": "ft", "mode": "", "dropout": ""}, plain)):
+    for c, b in ((case, batch), ({"method": "ft"}, plain)):
         step, handle = make_step(config, c, b, device, amp)
         step()   # the first step may set things up
         with _Dispatches() as dispatches:
@@ -142,6 +150,8 @@ def main(argv=None) -> None:
                                                    "ft is always measured)")
     p.add_argument("--modes", default=",".join(MODES), help="LNSR modes (default: %(default)s)")
     p.add_argument("--dropouts", default=",".join(DROPOUTS), help="LNSR dropout settings (default: %(default)s)")
+    p.add_argument("--fractions", default="1", help="LNSR's share of rows with a noisy copy, concat mode "
+                                                    "(default: %(default)s; e.g. 1,0.5,0.25)")
     p.add_argument("--sizes", default=None, help=f"comma-separated, of {sorted(SIZES)} (default: all; tiny with --quick)")
     p.add_argument("--batches", default=None, help="comma-separated B (default 16,32,64,128; 4 with --quick)")
     p.add_argument("--seq", type=int, default=None, help="T (default 128; 16 with --quick)")
@@ -160,7 +170,10 @@ def main(argv=None) -> None:
     unknown = [n for n in names if n not in METHODS]
     if unknown:
         p.error(f"--methods: unknown {unknown}; expected names from {sorted(METHODS)}")
-    cases = method_cases(names, args.modes.split(","), args.dropouts.split(","))
+    fractions = [float(f) for f in args.fractions.split(",")]
+    if not all(0 < f <= 1 for f in fractions):
+        p.error(f"--fractions: every value must be in (0, 1], got {fractions}")
+    cases = method_cases(names, args.modes.split(","), args.dropouts.split(","), fractions)
     sizes = QUICK_SIZES if args.quick else {s: SIZES[s] for s in args.sizes.split(",")} if args.sizes else SIZES
     batches = [int(b) for b in (args.batches or ("4" if args.quick else "16,32,64,128")).split(",")]
     seq = args.seq or (16 if args.quick else 128)

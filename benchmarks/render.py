@@ -18,8 +18,8 @@ from common import RESULTS
 SPECS = {
     "noise": {"case": ("variant", "size", "tokens", "k", "dtype"), "rows": ("variant",), "cols": ("size", "dtype")},
     "stability": {"case": ("variant", "size", "batch", "seq", "dtype"), "rows": ("variant",), "cols": ("size", "dtype")},
-    "step": {"case": ("method", "mode", "noise", "dropout", "size", "batch", "seq", "amp"),
-             "rows": ("method", "mode", "dropout"), "cols": ("size", "batch")},
+    "step": {"case": ("method", "mode", "noise", "dropout", "fraction", "size", "batch", "seq", "amp"),
+             "rows": ("method", "mode", "dropout", "fraction"), "cols": ("size", "batch")},
 }
 VERSIONS = ("torch", "transformers", "triton", "lnsr_fast", "backends")
 
@@ -46,7 +46,7 @@ def latest_rows(path: Path) -> tuple[str, list[dict]]:
 
 def label(row: dict, cols) -> str:
     """The row's values in the columns `cols`, the blank ones left out."""
-    return " ".join(row.get(c) for c in cols if row.get(c)) or "-"
+    return " ".join(str(row.get(c)) for c in cols if row.get(c)) or "-"
 
 
 def _cell(name: str, row: dict) -> str:
@@ -198,7 +198,7 @@ def targets(paths) -> str:
     for r in steps:
         if r["method"] != "lnsr_in_manifold":
             continue
-        same = {k: r.get(k) for k in ("mode", "dropout", "size", "batch", "seq", "amp")}
+        same = {k: r.get(k) for k in ("mode", "dropout", "fraction", "size", "batch", "seq", "amp")}
         standard = next((x for x in steps if x["method"] == "lnsr" and all(x.get(k) == v for k, v in same.items())), None)
         case = f"{r['size']} B={r['batch']} {r['mode']} {r['dropout']}"
         if standard and _number(standard.get("median_ms")) and _number(r.get("median_ms")):

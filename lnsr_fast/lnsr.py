@@ -106,6 +106,15 @@ class NoiseConfig(MethodConfig):
 class LNSRConfig(NoiseConfig):
     """How LNSR regularises (docs/design.md §2); `lnsr_fast.apply(model, LNSRConfig(...))` puts it in the model.
 
+    What one unit of λ (`weight`) is depends on `reduction`. With Δ_t = h_r,t(x + ε) − h_r,t(x) the change of
+    token t's output at layer r (width d) and T̄ a sequence's mean number of real tokens, each chosen layer adds
+    λ times: "sum", the mean over real tokens of ‖Δ_t‖²; "mean", that divided by d; "sequence", Σ_t ‖Δ_t‖² over
+    a sequence's real tokens, averaged over the sequences. The paper's penalty λ_p·‖f_r(x̃) − f_r(x)‖² (eq. 11,
+    λ_p in 0.2–1.0 there) is, read literally (the squared norm of a sequence's whole layer output),
+    reduction="sequence" with λ = λ_p, or "sum" with λ = λ_p·T̄; read as an element-wise mean (as many
+    implementations do), it is "mean" with λ = λ_p, or "sum" with λ = λ_p / d. The penalty's share of the loss
+    (`handle.last`) is what carries over between models and data; docs/design.md §2 has the measured values.
+
     >>> LNSRConfig(noise="gaussian", weight=0.5)
     >>> LNSRConfig(noise="in_manifold", k=10, ratio=0.1, layers=[4, 5, 6])
     """
@@ -114,7 +123,12 @@ class LNSRConfig(NoiseConfig):
                                  "λ per layer", DEFAULT_WEIGHT)
     layers: int | list | None = hyperparameter("indices into the hidden states (0 = embedding output, negative from the end); "
                                       "None: every transformer layer, 1..L")
-    reduction: str = hyperparameter("'sum': per layer, the mean over real tokens of ‖h_t − h̃_t‖²; 'mean': also / d", "sum")
+    reduction: str = hyperparameter("per layer, 'sum': the mean over real tokens of ‖h_t − h̃_t‖²; 'mean': that / d; "
+                                    "'sequence': the sum over a sequence's real tokens, averaged over the sequences "
+                                    "(the paper's equation read literally)", "sum")
+    fraction: float = hyperparameter("the share of a batch's rows that get a noisy copy in the doubled pass (its first "
+                                     "⌈fraction·B⌉ rows): the penalty then estimates the same expectation from fewer "
+                                     "rows, for a cheaper step", 1.0)
     mode: str = hyperparameter("'concat': clean and noisy copy in one pass of 2B rows; 'two_pass': two passes", "concat")
     dropout: str = hyperparameter("'shared': both copies get the same dropout masks, so the penalty measures the noise; "
                          "'independent': their own masks (a consistency term as in R-Drop)", "shared")
@@ -148,6 +162,12 @@ class LNSRConfig(NoiseConfig):
                 raise ValueError(f"LNSRConfig.weight has {len(self.weight)} entries but layers has {len(self.layers)}")
         if not isinstance(self.detach_clean, bool):
             raise TypeError(f"LNSRConfig.detach_clean must be a bool, got {self.detach_clean!r}")
+        if not is_real(self.fraction):
+            raise TypeError(f"LNSRConfig.fraction must be a float, got {type(self.fraction).__name__}")
+        if not 0 < self.fraction <= 1:
+            raise ValueError(f"LNSRConfig.fraction must be in (0, 1], got {self.fraction!r}")
+        if self.fraction < 1 and self.mode == "two_pass":
+            raise ValueError("LNSRConfig.fraction < 1 needs mode='concat' (the noisy rows ride in the doubled pass)")
 
     @property
     def name(self) -> str:
@@ -261,19 +281,21 @@ class LNSR(Method):
     def forward(self, call: Call):
         config = self.config
         copies = call.clean_and_noisy(draw(self.noise), pair=config.dropout == "shared",
-                                      concat=config.mode == "concat", record=True)
+                                      concat=config.mode == "concat", record=True, fraction=config.fraction)
         states = self._states(copies.states)
         layers, weights = self.layers(len(states))
         mask = call.inputs.get("decoder_attention_mask") if config.stack == "decoder" else call.mask
         if copies.noisy is None:   # one doubled pass: the fused penalty reads both copies in place
-            penalty = layerwise_stability_concat([states[r] for r in layers], call.rows, mask, weights,
+            if mask is not None and copies.pairs < call.rows:
+                mask = mask[:copies.pairs]
+            penalty = layerwise_stability_concat([states[r] for r in layers], copies.pairs, mask, weights,
                                                  config.reduction, config.backend, config.detach_clean)
         else:
             noisy = self._states(copies.noisy_states)
             chosen = [states[r].detach() if config.detach_clean else states[r] for r in layers]
             penalty = layerwise_stability(chosen, [noisy[r] for r in layers], mask, weights, config.reduction,
                                           config.backend)
-        return call.finish(copies.out, penalty, self.names, copies.half, copies.mode)
+        return call.finish(copies.out, penalty, self.names, copies.half, copies.mode, copies.pairs)
 
 
 LNSRConfig.method = LNSR

@@ -1,9 +1,10 @@
 """Shared dropout masks for the clean and the noisy half of a concat-mode pass (docs/design.md §2).
 
-While `PairingMode(half)` is active in a thread, every dropout of a tensor whose leading dimension is the
-doubled batch (2·half rows) draws one mask for the first `half` rows from the default generator and applies it
-to the last `half` rows too; `scaled_dot_product_attention` with dropout runs as two half-batch calls that
-start from the same generator state, so the fused kernels draw identical masks. A dropout of a tensor with no
+While `PairingMode(clean, noisy=m)` is active in a thread, every dropout of a tensor whose leading dimension is
+the doubled batch (clean + m rows: the clean copy, then a noisy copy of its first m rows; m = clean by default)
+draws one mask for the clean rows from the default generator and applies its first m rows to the noisy rows
+too; `scaled_dot_product_attention` with dropout runs the first m clean rows and the noisy rows as two calls of
+the same shape from the same generator state, so the fused kernels draw identical masks. A dropout of a tensor with no
 batch dimension (e.g. DeBERTa's relative-position table) is one mask for both halves already and runs as is.
 Any other random draw with batch rows (a hand-made mask, stochastic depth per row) cannot be paired: it
 raises `UnpairableRandomness`, and the caller falls back to two passes.
@@ -74,18 +75,20 @@ def set_rng_state(state: tuple, device: torch.device) -> None:
 
 
 class PairingMode(TorchFunctionMode):
-    """Pairs the dropout masks of rows [0, half) and [half, 2·half) of every dropout while active (see the
-    module docstring). `watch`: a tensor whose use by any torch function sets `watched` (the caller learns
-    whether the model's loss used `num_items_in_batch`). `pair=False` only watches."""
+    """Pairs the dropout masks of rows [0, noisy) and [clean, clean + noisy) of every dropout while active (see
+    the module docstring; `noisy` defaults to `clean`). `watch`: a tensor whose use by any torch function sets
+    `watched` (the caller learns whether the model's loss used `num_items_in_batch`). `pair=False` only watches."""
 
-    def __init__(self, half: int, pair: bool = True, watch: torch.Tensor | None = None):
+    def __init__(self, clean: int, pair: bool = True, watch: torch.Tensor | None = None, noisy: int | None = None):
         super().__init__()
-        self.half, self.rows, self.pair = half, 2 * half, pair
+        self.clean = clean
+        self.noisy = clean if noisy is None else noisy
+        self.rows, self.pair = clean + self.noisy, pair
         self.watch, self.watched = watch, False
 
     def replay(self) -> "PairingMode":
         """A mode that pairs like this one, for the recomputation of a checkpointed layer."""
-        return PairingMode(self.half, self.pair)
+        return PairingMode(self.clean, self.pair, noisy=self.noisy)
 
     def __enter__(self):
         _local.modes = [*getattr(_local, "modes", ()), self]
@@ -127,14 +130,17 @@ class PairingMode(TorchFunctionMode):
         x, p = a["input"], a["p"]
         if not a.get("training", a.get("train")) or p == 0 or not self._batch_rows(x, "a dropout input"):
             return func(*args, **kwargs)
-        # The clean half's mask comes from the default generator, so a checkpoint's replay redraws it.
-        keep = x.new_empty((self.half, *x.shape[1:])).bernoulli_(1 - p)
+        # The clean rows' mask comes from the default generator, so a checkpoint's replay redraws it.
+        keep = x.new_empty((self.clean, *x.shape[1:])).bernoulli_(1 - p)
         keep = keep.mul_(1 / (1 - p)) if p < 1 else keep.zero_()
-        halves = x.unflatten(0, (2, self.half))
+        if self.noisy == self.clean:   # both halves against one mask, without a copy of it
+            shaped = x.unflatten(0, (2, self.clean))
+        else:
+            shaped, keep = x, torch.cat([keep, keep[:self.noisy]])
         if a.get("inplace"):
-            halves.mul_(keep)
+            shaped.mul_(keep)
             return x
-        return (halves * keep).flatten(0, 1)
+        return (shaped * keep).view(x.shape)
 
     def _attention(self, func, args, kwargs):
         a = _bind(_SDPA_ARGS, args, kwargs, {"dropout_p": 0.0, "is_causal": False, "enable_gqa": False})
@@ -147,22 +153,31 @@ class PairingMode(TorchFunctionMode):
                                        f"{[tuple(t.shape) for t in (q, k, v)]}")
         masks = (mask, mask)
         if mask is not None and mask.dim() and mask.shape[0] == self.rows:
-            masks = mask.chunk(2)
+            masks = mask.split([self.clean, self.noisy])
         if not fused_halves(q):
             probs = _attention_probs(q, k, masks, a)
             return self._dropout(F.dropout, (probs, a["dropout_p"]), {}) @ _grouped(v, q, a["enable_gqa"])
-        # The fused kernels draw their own mask: both halves run from one generator state. It is the process's,
-        # so LNSR's threads take turns (a thread drawing random numbers on this device meanwhile would still
-        # change the second half's mask).
+        # The fused kernels draw their own mask: the paired clean rows and the noisy rows run as calls of one
+        # shape from one generator state, the other clean rows after them. The state is the process's, so LNSR's
+        # threads take turns (a thread drawing random numbers on this device meanwhile would still change the
+        # noisy rows' mask).
+        m, b, batched = self.noisy, self.clean, masks[0] is not masks[1]
+
+        def call(start, stop):
+            attn_mask = mask[start:stop] if batched else mask
+            return func(*(t[start:stop] for t in (q, k, v)), attn_mask=attn_mask, **a)
+
         with _GENERATOR_TURNS:
             state = rng_state(q.device)
-            first = func(*(t[:self.half] for t in (q, k, v)), attn_mask=masks[0], **a)
+            paired = call(0, m)
             set_rng_state(state, q.device)
-            return torch.cat([first, func(*(t[self.half:] for t in (q, k, v)), attn_mask=masks[1], **a)])
+            noisy = call(b, b + m)
+            rest = [call(m, b)] if m < b else []
+            return torch.cat([paired, *rest, noisy])
 
 
 def fused_halves(query: torch.Tensor) -> bool:
-    """Whether paired attention dropout runs as two fused half-batch calls from one generator state (on a GPU),
+    """Whether paired attention dropout runs as fused calls of the paired rows from one generator state (on a GPU),
     rather than spelled out with one mask for both halves: on the CPU, whose attention with dropout takes that
     math path anyway (and draws the same mask for the clean half), and under torch.compile, which cannot trace
     generator states."""

@@ -18,6 +18,7 @@ import contextlib
 import dataclasses
 import functools
 import inspect
+import math
 import threading
 import warnings
 from typing import Callable, ClassVar
@@ -313,7 +314,8 @@ class Handle:
 @dataclasses.dataclass
 class Copies:
     """The clean and the noisy copy of a batch, run by `Call.clean_and_noisy`: one doubled pass (`noisy` None;
-    rows [0, half) of `out` and `states` clean, [half, 2·half) noisy) or two passes."""
+    rows [0, half) of `out` and `states` clean, the last `pairs` rows the noisy copies of rows [0, pairs)) or two
+    passes (every row has its noisy copy)."""
 
     out: object
     states: list | None
@@ -321,6 +323,7 @@ class Copies:
     noisy_states: list | None
     mode: PairingMode | None
     half: int | None
+    pairs: int
 
 
 class Call:
@@ -373,14 +376,15 @@ class Call:
                             "perturbation could not be added")
         return out, p.states
 
-    def watcher(self, half: int | None, pair: bool) -> PairingMode | None:
-        """The mode a pass runs under: pairing dropout across `half`, and watching whether the model's loss uses
-        `num_items_in_batch` until that is known; None when neither is needed."""
+    def watcher(self, half: int | None, pair: bool, pairs: int | None = None) -> PairingMode | None:
+        """The mode a pass runs under: pairing dropout of rows [0, pairs) with the `pairs` rows after the first
+        `half`, and watching whether the model's loss uses `num_items_in_batch` until that is known; None when
+        neither is needed."""
         n = self.inputs.get("num_items_in_batch")
         watch = n if isinstance(n, torch.Tensor) and self.handle._honours_num_items is None else None
         if not (pair or watch is not None):
             return None
-        return PairingMode(half or self.rows, pair=pair, watch=watch)
+        return PairingMode(half or self.rows, pair=pair, watch=watch, noisy=pairs)
 
     def model_inputs(self) -> dict | None:
         """The inputs without the loss targets; an encoder–decoder LM's decoder inputs derived from its labels
@@ -394,45 +398,51 @@ class Call:
             inputs["decoder_input_ids"] = prepare(labels=self.labels["labels"])
         return inputs
 
-    def doubled(self) -> tuple[dict, bool] | None:
-        """The inputs of one pass over the clean and the noisy copy of the batch (2·rows rows): every batched
-        entry repeated, the noisy half's labels set to what the model's loss ignores; and whether the labels were
-        left out because the model's loss cannot skip rows (`finish` then computes it). None when the labels
-        cannot be split this way."""
+    def doubled(self, pairs: int) -> tuple[dict, bool] | None:
+        """The inputs of one pass over the clean batch and a noisy copy of its first `pairs` rows (rows + pairs
+        rows): every batched entry's first `pairs` rows repeated, their labels set to what the model's loss
+        ignores; and whether the labels were left out because the model's loss cannot skip rows (`finish` then
+        computes it). None when the labels cannot be split this way."""
         noisy = heads.noisy_labels(self.handle.kind, self.handle.config, self.labels)
         inputs = self.model_inputs()
         if noisy is None or inputs is None:
             return None
-        doubled = {k: torch.cat([v, v]) if self._batched(k, v) else v for k, v in inputs.items()}
-        doubled.update({k: torch.cat([self.labels[k], v]) for k, v in noisy.items()})
+        doubled = {k: torch.cat([v, v[:pairs]]) if self._batched(k, v) else v for k, v in inputs.items()}
+        doubled.update({k: torch.cat([self.labels[k], v[:pairs]]) for k, v in noisy.items()})
         return doubled, bool(self.labels) and not noisy
 
     def _batched(self, key: str, value) -> bool:
         return (isinstance(value, torch.Tensor) and key not in _NOT_BATCHED and value.dim() > 0
                 and value.shape[0] == self.rows)
 
-    def clean_and_noisy(self, draw: Callable, pair: bool, concat: bool = True, record: bool = False) -> Copies:
+    def clean_and_noisy(self, draw: Callable, pair: bool, concat: bool = True, record: bool = False,
+                        fraction: float = 1.0) -> Copies:
         """Run the clean copy of the batch and a noisy copy (`draw(input_ids, x, attention_mask)` added to its word
         embeddings), with their dropout masks paired when `pair`, recording the hidden states when `record`: one
-        doubled pass, or two passes where `concat` is off or the labels or the model's randomness forbid one
-        pass (with one warning)."""
+        doubled pass, in which only the first ⌈fraction·rows⌉ rows get a noisy copy, or two passes (every row
+        has one) where `concat` is off or the labels or the model's randomness forbid one pass (with one
+        warning)."""
         handle, model = self.handle, type(self.handle.model).__name__
         if concat and not (pair and handle.unpairable):
-            planned = self.doubled()
+            pairs = min(self.rows, math.ceil(fraction * self.rows))
+            planned = self.doubled(pairs)
             if planned is None:
                 handle.warn_once(f"lnsr_fast: running two passes instead of one doubled pass: the task loss of {model} "
                                  f"for {sorted(self.labels)} is computed by the model, which would see both copies")
             else:
-                mode = self.watcher(self.rows, pair)
+                mode = self.watcher(self.rows, pair, pairs)
                 try:
-                    out, states = self.run(planned[0], self.noisy_half(draw), mode, record)
+                    out, states = self.run(planned[0], self.noisy_half(draw, pairs), mode, record)
                 except UnpairableRandomness as e:
                     handle.unpairable = True
                     handle.warn_once(f"lnsr_fast: running two passes instead of one doubled pass: {model}'s dropout "
                                      f"masks cannot be shared between the copies ({e})")
                 else:
                     self.explicit = planned[1]
-                    return Copies(out, states, None, None, mode, self.rows)
+                    return Copies(out, states, None, None, mode, self.rows, pairs)
+        if fraction < 1:
+            handle.warn_once(f"lnsr_fast: fraction={fraction:g} applies to the doubled pass; in two passes every row "
+                             "gets its noisy copy")
         state = rng_state(self.device) if pair else None
         mode = self.watcher(None, pair=False)
         out, states = self.run(self.inputs, None, mode, record)
@@ -443,11 +453,13 @@ class Call:
             raise TypeError(f"{model} derives its decoder inputs from the labels but has no "
                             "prepare_decoder_input_ids_from_labels; pass decoder_input_ids")
         noisy, noisy_states = self.run(inputs, self.everywhere(draw), record=record)
-        return Copies(out, states, noisy, noisy_states, mode, None)
+        return Copies(out, states, noisy, noisy_states, mode, None, self.rows)
 
-    def noisy_half(self, draw: Callable) -> Callable:
-        """A perturbation of a doubled pass: rows [rows, 2·rows) get `draw(input_ids, x, attention_mask)`."""
-        b, mask = self.rows, self.mask
+    def noisy_half(self, draw: Callable, pairs: int | None = None) -> Callable:
+        """A perturbation of a doubled pass: the rows after the first `rows` (the copies of rows [0, pairs)) get
+        `draw(input_ids, x, attention_mask)`."""
+        b = self.rows
+        mask = self.mask if self.mask is None or pairs in (None, b) else self.mask[:pairs]
 
         def perturb(input_ids, x):
             eps = draw(None if input_ids is None else input_ids[b:], x[b:].detach(), mask)
@@ -462,9 +474,10 @@ class Call:
     # ---- the outputs ------------------------------------------------------------------------------------
 
     def finish(self, out, penalty: torch.Tensor | None, names: tuple[str, str], half: int | None = None,
-               mode: PairingMode | None = None):
-        """The outputs the caller gets: the clean rows of `out` (the first `half` rows of a doubled pass), with
-        loss = task loss + penalty (the penalty alone without labels); records both in `handle.last`.
+               mode: PairingMode | None = None, pairs: int | None = None):
+        """The outputs the caller gets: the clean rows of `out` (the first `half` rows of a doubled pass whose last
+        `pairs` rows, default `half`, are noisy copies), with loss = task loss + penalty (the penalty alone without
+        labels); records both in `handle.last`.
 
         Where the Trainer passes `num_items_in_batch` and the model's loss divides by it (the loss is then a share
         of the whole accumulated batch's), the penalty is weighted by this batch's share of those items too, so
@@ -472,7 +485,7 @@ class Call:
         handle = self.handle
         if mode is not None and mode.watch is not None and self.labels and not self.explicit:
             handle._honours_num_items = mode.watched
-        clean = _rows(out, half) if half is not None else out
+        clean = _rows(out, half, half + (half if pairs is None else pairs)) if half is not None else out
         task = clean.get("loss")
         if self.explicit:
             task = heads.explicit_loss(handle.config, clean["logits"], self.labels["labels"])
@@ -503,14 +516,14 @@ def _field_names(output) -> set[str]:
     return {f.name for f in dataclasses.fields(output)} if dataclasses.is_dataclass(output) else set()
 
 
-def _rows(value, half: int):
-    """The first `half` rows of every batched tensor of an output (2·half rows), recursively."""
+def _rows(value, half: int, total: int | None):
+    """The first `half` rows of every batched tensor (`total` rows) of an output, recursively."""
     if isinstance(value, torch.Tensor):
-        return value[:half] if value.dim() and value.shape[0] == 2 * half else value
+        return value[:half] if value.dim() and value.shape[0] == total else value
     if isinstance(value, tuple):
-        return tuple(_rows(v, half) for v in value)
+        return tuple(_rows(v, half, total) for v in value)
     if isinstance(value, dict):   # a ModelOutput
-        return type(value)(**{k: _rows(v, half) for k, v in value.items()})
+        return type(value)(**{k: _rows(v, half, total) for k, v in value.items()})
     return value
 
 

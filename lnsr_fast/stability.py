@@ -9,7 +9,7 @@ import torch
 from .checks import check_choice, is_int, is_real
 from .kernels import ops, resolve_backend
 
-REDUCTIONS = ("sum", "mean")
+REDUCTIONS = ("sum", "mean", "sequence")
 
 
 def resolve_weights(weights, n_layers: int, name: str = "weights") -> list[float]:
@@ -51,6 +51,14 @@ def _real_tokens(attention_mask, shape, device) -> torch.Tensor | None:
     return (attention_mask != 0).to(device)
 
 
+def _per_sequence(penalty: torch.Tensor, real: torch.Tensor | None, shape) -> torch.Tensor:
+    """The "sum" penalty (a mean over real tokens) as a sum over each sequence's real tokens, averaged over the
+    sequences (all dimensions of the token shape `shape` but its last)."""
+    sequences = shape[:-1].numel()
+    tokens = real.sum().to(penalty.dtype) if real is not None else shape.numel()
+    return penalty * (tokens / sequences)
+
+
 def _backend(backend: str, hidden: Sequence[torch.Tensor]) -> str:
     dtypes = {h.dtype for h in hidden}
     if backend == "auto" and len(dtypes) > 1:  # the kernels take one activation dtype per call
@@ -65,9 +73,10 @@ def layerwise_stability(clean_hidden: Sequence[torch.Tensor], noisy_hidden: Sequ
     """The LNSR penalty over chosen layers, padding excluded, accumulated in fp32.
 
     clean_hidden, noisy_hidden: equally long sequences of [B, T, d] tensors (layer r of the clean and
-    of the noisy pass). reduction="sum": per layer, the mean over real tokens of ‖h_t − h̃_t‖² (eq. 11);
-    "mean": also divided by d (so λ must be d times larger for the same effect). weights: one λ for all
-    layers or one per layer. backend: "auto" | "cuda" | "triton" | "torch" (see lnsr_fast.kernels).
+    of the noisy pass). reduction, per layer: "sum", the mean over real tokens of ‖h_t − h̃_t‖²; "mean", that
+    divided by d (the mean over the real tokens' elements); "sequence", the sum over each sequence's real tokens
+    averaged over the sequences (eq. 11 read literally: ‖f_r(x̃) − f_r(x)‖² of a sequence's whole layer output;
+    docs/design.md §2 converts λ between them). weights: one λ for all layers or one per layer. backend: "auto" | "cuda" | "triton" | "torch" (see lnsr_fast.kernels).
     Returns a differentiable 0-dim fp32 tensor (float64 for float64 inputs), 0 when no token is real;
     gradients (first and second) reach only the inputs that require them. For the halves of one
     concat-mode batch, `layerwise_stability_concat` writes one gradient per layer instead of two.
@@ -91,6 +100,9 @@ def layerwise_stability(clean_hidden: Sequence[torch.Tensor], noisy_hidden: Sequ
             raise ValueError(f"clean_hidden[{i}] has shape {tuple(h.shape)} but noisy_hidden[{i}] has {tuple(h_noisy.shape)}")
     real = _real_tokens(attention_mask, shape[:-1], device)
     backend = _backend(backend, clean_hidden + noisy_hidden)
+    if reduction == "sequence":
+        return _per_sequence(ops.layerwise_stability(clean_hidden, noisy_hidden, real, weights, "sum", backend),
+                             real, shape[:-1])
     return ops.layerwise_stability(clean_hidden, noisy_hidden, real, weights, reduction, backend)
 
 
@@ -118,6 +130,8 @@ def layerwise_stability_concat(hidden: Sequence[torch.Tensor], pairs: int, atten
                          f"got {pairs!r}")
     if not isinstance(detach_clean, bool):
         raise TypeError(f"detach_clean must be a bool, got {detach_clean!r}")
-    real = _real_tokens(attention_mask, (pairs, *shape[1:-1]), device)
-    return ops.layerwise_stability_concat(hidden, pairs, real, weights, reduction, detach_clean,
-                                          _backend(backend, hidden))
+    tokens = torch.Size((pairs, *shape[1:-1]))
+    real = _real_tokens(attention_mask, tokens, device)
+    penalty = ops.layerwise_stability_concat(hidden, pairs, real, weights, "sum" if reduction == "sequence" else reduction,
+                                             detach_clean, _backend(backend, hidden))
+    return _per_sequence(penalty, real, tokens) if reduction == "sequence" else penalty

@@ -9,6 +9,7 @@ chosen layers, argument checks, threads, host syncs.
 from __future__ import annotations
 
 import contextlib
+import math
 import threading
 import warnings
 
@@ -373,20 +374,29 @@ def test_positional_arguments_tuples_and_requested_hidden_states():
     assert logits.shape == (B, 3)
 
 
-@pytest.mark.parametrize("layers,weight,reduction", [
-    ([0, 2], [0.3, 1.7], "sum"),
-    ([-1], 2.0, "sum"),
-    (None, [0.5, 2.0], "mean"),
-    (1, 1.0, "sum"),
+@pytest.mark.parametrize("layers,weight,reduction,fraction", [
+    ([0, 2], [0.3, 1.7], "sum", 1.0),
+    ([-1], 2.0, "sum", 1.0),
+    (None, [0.5, 2.0], "mean", 1.0),
+    (1, 1.0, "sum", 1.0),
+    (None, 0.5, "sequence", 1.0),
+    (None, 1.0, "sum", 0.5),
+    ([2], 1.0, "sequence", 0.25),
 ])
-def test_the_penalty_over_chosen_layers_is_the_hand_computation(layers, weight, reduction):
+def test_the_penalty_over_chosen_layers_is_the_hand_computation(layers, weight, reduction, fraction):
     """BERT's recorded layer outputs are its hidden_states; the penalty is Σ_r λ_r · mean over real tokens of
-    ‖h_r − h̃_r‖² (/ d for "mean"), with ε drawn by the same seeded sampler."""
+    ‖h_r − h̃_r‖² (/ d for "mean"; a sum over each sequence's tokens averaged over the sequences for
+    "sequence"), with ε drawn by the same seeded sampler, over the first ⌈fraction·B⌉ rows."""
     model = make_model("bert", "seq")
     batch = make_batch(model, "seq")
-    handle = lf.apply(model, lf.LNSRConfig(noise="gaussian", seed=3, weight=weight, layers=layers, reduction=reduction))
-    quietly(model, batch)
+    handle = lf.apply(model, lf.LNSRConfig(noise="gaussian", seed=3, weight=weight, layers=layers, reduction=reduction,
+                                           fraction=fraction))
+    with passes(model) as rows:
+        quietly(model, batch)
     lf.remove(model)
+    m = math.ceil(fraction * B)
+    assert rows == [B + m]
+    batch = {k: v[:m] for k, v in batch.items()}
     eps = lf.GaussianNoise(ratio=0.05, seed=3)
     x = model.get_input_embeddings()(batch["input_ids"])
     noisy_hook = model.get_input_embeddings().register_forward_hook(
@@ -401,9 +411,36 @@ def test_the_penalty_over_chosen_layers_is_the_hand_computation(layers, weight, 
     want = 0.0
     for r, w in zip(chosen, weights):
         per_token = (clean[r] - noisy[r])[real].pow(2).sum(-1)
-        want = want + w * (per_token / x.shape[-1] if reduction == "mean" else per_token).mean()
+        if reduction == "sequence":
+            want = want + w * per_token.sum() / m
+        else:
+            want = want + w * (per_token / x.shape[-1] if reduction == "mean" else per_token).mean()
     assert want > 0
     torch.testing.assert_close(handle.last["lnsr_penalty"], want, rtol=1e-4, atol=1e-10)
+
+
+@pytest.mark.parametrize("family,pad", [("bert", "right"), ("llama", "left"), ("bart", "right")])
+def test_a_fraction_of_noisy_rows_keeps_the_models_loss_and_the_paired_masks(family, pad):
+    """fraction=0.25: the clean rows give the model's own loss and logits, the noisy copies of the first
+    ⌈B/4⌉ rows ride in the same pass with their dropout masks, so only the noise moves them."""
+    model = make_model(family, "seq")
+    batch = make_batch(model, "seq", pad)
+    ref = model(**batch)
+    handle = lf.apply(model, lf.LNSRConfig(noise="gaussian", ratio=TINY, weight=1.0, fraction=0.25))
+    with passes(model) as rows:
+        out = quietly(model, batch)
+    lf.remove(model)
+    assert rows == [B + math.ceil(B / 4)]
+    torch.testing.assert_close(out.loss, ref.loss, atol=1e-5, rtol=0)
+    torch.testing.assert_close(out.logits, ref.logits, atol=1e-5, rtol=1e-5)
+    model = make_model(family, "seq", dropout=0.1)
+    penalties = {}
+    for dropout in ("shared", "independent"):
+        handle = lf.apply(model, lf.LNSRConfig(noise="gaussian", ratio=TINY, weight=1.0, fraction=0.25, dropout=dropout))
+        quietly(model, batch).loss.backward()
+        lf.remove(model)
+        penalties[dropout] = float(handle.last["lnsr_penalty"])
+    assert penalties["shared"] < 1e-8 < 1e-3 < penalties["independent"]
 
 
 def test_the_decoder_stack_of_an_encoder_decoder_model():
@@ -472,6 +509,10 @@ def test_apply_twice_overrides_and_removal():
     ({"noise": "gaussian", "refresh_every": 10}, ValueError, "refresh_every"),
     ({"knn_backend": "annoy"}, ValueError, "knn_backend"),
     ({"detach_clean": 1}, TypeError, "detach_clean"),
+    ({"fraction": 0.0}, ValueError, "fraction"),
+    ({"fraction": 1.5}, ValueError, "fraction"),
+    ({"fraction": "half"}, TypeError, "fraction"),
+    ({"fraction": 0.5, "mode": "two_pass"}, ValueError, "fraction"),
 ])
 def test_config_rejects_bad_fields(kwargs, error, field):
     with pytest.raises(error, match=rf"LNSRConfig\.{field}\b"):

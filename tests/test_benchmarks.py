@@ -88,8 +88,8 @@ def test_bench_step_quick_ratios_to_ft_of_the_same_run(tmp_path):
                 for mode, dropout in ([(a, b) for a in ("concat", "two_pass") for b in ("shared", "independent")]
                                       if m in ("lnsr", "lnsr_in_manifold") else [("", "")])}
     assert {(r["method"], r["mode"], r["dropout"]) for r in first} == expected
-    assert set(fields) == {"method", "mode", "noise", "dropout", "size", "batch", "seq", "amp", "peak_gib", "note",
-                           "x_ft", "added_ops", "added_syncs"} | TIMES | META
+    assert set(fields) == {"method", "mode", "noise", "dropout", "fraction", "size", "batch", "seq", "amp", "peak_gib",
+                           "note", "x_ft", "added_ops", "added_syncs"} | TIMES | META
     assert all(r["peak_gib"] == "" and r["amp"] == "none" and float(r["median_ms"]) > 0 for r in first)
     added = {(r["method"], r["mode"], r["dropout"]): (int(r["added_ops"]), int(r["added_syncs"])) for r in first}
     assert added[("ft", "", "")] == (0, 0) and added[("lnsr", "concat", "independent")][0] > 0
@@ -103,13 +103,15 @@ def test_bench_step_quick_ratios_to_ft_of_the_same_run(tmp_path):
         writer.writeheader()
         writer.writerows([stale, *first])
     run("bench_step.py", "--quick", "--methods", "lnsr", "--modes", "concat", "--dropouts", "shared",
-        "--results", str(tmp_path))
+        "--fractions", "1,0.5", "--results", str(tmp_path))
     _, fields, rows = results(tmp_path, "step")
-    assert set(fields) == {"method", "mode", "noise", "dropout", "size", "batch", "seq", "amp", "peak_gib", "note",
-                           "x_ft", "added_ops", "added_syncs"} | TIMES | META
-    assert rows[0]["run"] == "old" and len(rows) == 1 + len(first) + 2
+    assert set(fields) == {"method", "mode", "noise", "dropout", "fraction", "size", "batch", "seq", "amp", "peak_gib",
+                           "note", "x_ft", "added_ops", "added_syncs"} | TIMES | META
+    assert rows[0]["run"] == "old" and len(rows) == 1 + len(first) + 3
     second = rows[1 + len(first):]
-    assert [(r["method"], r["mode"], r["dropout"]) for r in second] == [("ft", "", ""), ("lnsr", "concat", "shared")]
+    assert [(r["method"], r["mode"], r["dropout"], r["fraction"]) for r in second] == [
+        ("ft", "", "", ""), ("lnsr", "concat", "shared", ""), ("lnsr", "concat", "shared", "0.5")]
+    assert second[2]["added_syncs"] == "0" and 0 < int(second[2]["added_ops"])
     assert {r["run"] for r in second} != {first[0]["run"]}
     for run_rows in (first, second):
         ft = float(next(r["median_ms"] for r in run_rows if r["method"] == "ft"))
@@ -120,7 +122,7 @@ def test_bench_step_quick_ratios_to_ft_of_the_same_run(tmp_path):
     for suffix in (".md", ".png"):
         path.with_suffix(suffix).unlink()
     run("render.py", str(tmp_path))
-    assert_rendered(path, "| method mode dropout | tiny 4 |")
+    assert_rendered(path, "| method mode dropout fraction | tiny 4 |")
     ft_cell = f"| ft | 1.00× ({float(second[0]['median_ms']):.4g} ms) |"
     assert ft_cell in path.with_suffix(".md").read_text()
 

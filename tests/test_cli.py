@@ -59,6 +59,10 @@ def test_demo_quick_is_the_experiment_runner_with_its_preset(tmp_path, capsys):
         assert r["steps"] == 3 and r["timed_steps"] == 2 and r["step_time_ms"] > 0
         assert r["gap"] == pytest.approx(r["train_accuracy"] - r["test_accuracy"])
     assert runs[0]["final_penalty"] == 0 and runs[1]["final_penalty"] > 0 and runs[2]["final_penalty"] > 0
+    # the penalty's share of the loss over the first and the last steps: how strong λ is here
+    assert runs[0]["penalty_share_start"] == runs[0]["penalty_share_end"] == 0
+    assert all(0 < r[f"penalty_share_{end}"] < 1 for r in runs[1:] for end in ("start", "end"))
+    assert "| penalty share start → end |" in summary
     # the neighbour table is built before the progress bar, while the configurations are checked
     assert "checking 3 method configuration(s)" in out
     # the noise-propagation figure and table: hidden_states 0..6 of MiniLM-L6, the pretrained model and 3 methods

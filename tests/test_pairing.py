@@ -41,6 +41,23 @@ def test_one_mask_for_both_halves_with_the_right_keep_rate_and_scale(p, via):
     assert not torch.equal(y, y2)            # every call draws a new mask
 
 
+@pytest.mark.parametrize("via", ["functional", "inplace"])
+def test_a_noisy_block_of_the_first_rows_takes_their_masks(via):
+    """fraction < 1: rows [clean, clean + m) are copies of rows [0, m) and get their masks; the clean rows draw
+    what plain dropout of them draws."""
+    clean, m = 5, 2
+    x = torch.randn(clean, 40, 6)
+    x = torch.cat([x, x[:m]])
+    torch.manual_seed(3)
+    plain = F.dropout(x[:clean], 0.4)
+    torch.manual_seed(3)
+    with PairingMode(clean, noisy=m):
+        y = F.dropout(x, 0.4) if via == "functional" else F.dropout(x.clone(), 0.4, inplace=True)
+    assert y.shape == x.shape and torch.equal(y[:clean], plain)
+    assert torch.equal(y[clean:], y[:m])
+    assert PairingMode(clean, noisy=m).replay().noisy == m
+
+
 def test_the_clean_half_draws_what_plain_dropout_of_the_clean_rows_draws():
     """The mask of the first half comes from the default generator as a plain dropout of those rows would: a
     checkpoint's replay of the generator state redraws it."""
@@ -164,6 +181,22 @@ def test_paired_attention_matches_sdpa_forward_and_backward(case, fused, monkeyp
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     for g, w in zip(got_grads, want_grads):
         torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-calls", "spelled-out"])
+def test_attention_dropout_pairs_a_noisy_block_of_the_first_rows(fused, monkeypatch):
+    q, k, v = _qkv(half=3)   # 6 rows: 4 clean, then copies of the first 2
+    q, k, v = (torch.cat([t[:4], t[:2]]) for t in (q, k, v))
+    mask = _masks(half=3)[0]
+    mask = torch.cat([mask[:4], mask[:2]])
+    monkeypatch.setattr(pairing, "fused_halves", lambda q: fused)
+    torch.manual_seed(4)
+    with PairingMode(4, noisy=2):
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.5)
+    assert out.shape == q.shape[:-1] + v.shape[-1:] and torch.isfinite(out).all()
+    assert torch.equal(out[4:], out[:2])
+    plain = F.scaled_dot_product_attention(q[:4], k[:4], v[:4], attn_mask=mask[:4])
+    assert (out[:4] - plain).abs().max() > 1e-2   # dropout was applied
 
 
 @pytest.mark.parametrize("fused", [True, False], ids=["fused-halves", "spelled-out"])

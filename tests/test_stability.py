@@ -13,7 +13,8 @@ from lnsr_fast.stability import layerwise_stability
 
 
 def direct(clean, noisy, mask, weights, reduction):
-    """Eq. 11 written out: Σ_r w_r · (1/#real) Σ_{real (b,t)} Σ_f (h − h̃)² [/ d for "mean"], float64 loops."""
+    """Eq. 11 written out: Σ_r w_r · (1/#real) Σ_{real (b,t)} Σ_f (h − h̃)² [/ d for "mean"; 1/b instead of
+    1/#real for "sequence"], float64 loops."""
     b, t, d = clean[0].shape
     real = [[True] * t for _ in range(b)] if mask is None else (mask != 0).tolist()
     n_real = sum(sum(row) for row in real)
@@ -25,14 +26,17 @@ def direct(clean, noisy, mask, weights, reduction):
                 if real[i][j]:
                     sq = float(((h[i, j] - hn[i, j]) ** 2).sum())
                     total += w * (sq / d if reduction == "mean" else sq)
+    if reduction == "sequence":
+        return total / b
     return total / n_real if n_real else 0.0
 
 
 def direct_grads(clean, noisy, mask, weights, reduction, grad_out=1.0):
-    """d/dh of the direct formula: 2 w (h − h̃) · real / #real [/ d]; the noisy side gets the negative."""
+    """d/dh of the direct formula: 2 w (h − h̃) · real / #real [/ d] (/ b for "sequence"); the noisy side gets
+    the negative."""
     b, t, d = clean[0].shape
     real = torch.ones(b, t, dtype=torch.bool) if mask is None else mask != 0
-    n = max(int(real.sum()), 1)
+    n = b if reduction == "sequence" else max(int(real.sum()), 1)
     out = []
     for h, hn, w in zip(clean, noisy, weights):
         g = 2 * w * grad_out * (h.detach().double() - hn.detach().double()) * real[..., None] / n
@@ -54,7 +58,7 @@ def rand_mask(b, t, seed, p=0.7):
 
 # ----------------------------------------------------------------------------------------------- values
 
-@pytest.mark.parametrize("reduction", ["sum", "mean"])
+@pytest.mark.parametrize("reduction", ["sum", "mean", "sequence"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_matches_direct_formula_with_masks_and_weights(reduction, dtype):
     b, t, d = 4, 6, 5
@@ -77,7 +81,7 @@ def test_matches_direct_formula_with_masks_and_weights(reduction, dtype):
 @settings(max_examples=30, deadline=None)
 @given(
     b=st.integers(1, 3), t=st.integers(1, 4), d=st.integers(1, 5), n_layers=st.integers(1, 3),
-    reduction=st.sampled_from(["sum", "mean"]), mask_bits=st.integers(0, 2**12 - 1),
+    reduction=st.sampled_from(["sum", "mean", "sequence"]), mask_bits=st.integers(0, 2**12 - 1),
     use_mask=st.booleans(), scalar_weight=st.booleans(), seed=st.integers(0, 2**31 - 1),
 )
 def test_matches_direct_formula_property(b, t, d, n_layers, reduction, mask_bits, use_mask, scalar_weight, seed):
@@ -171,7 +175,7 @@ def test_other_leading_shapes():
 
 # ----------------------------------------------------------------------------------------------- gradients
 
-@pytest.mark.parametrize("reduction", ["sum", "mean"])
+@pytest.mark.parametrize("reduction", ["sum", "mean", "sequence"])
 def test_gradcheck(reduction):
     clean, noisy = rand_layers(2, (2, 3, 4), seed=13)
     mask = torch.tensor([[1, 1, 0], [1, 0, 0]])

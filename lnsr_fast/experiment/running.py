@@ -24,7 +24,7 @@ from ..data import (batches, evaluate, few_sample_splits, label_vocabulary, labe
                     minilm_path, read_table, stratified_split, tokenize)
 from ..methods import METHODS
 from ..methods import defaults as method_defaults
-from ..regularize import remove
+from ..regularize import handle_of, remove
 from .config import ExperimentConfig, resolve
 from .plotting import plot_box, plot_profiles
 from .recording import RunLog, check_writable, file_errors, run_key, write_reports
@@ -34,6 +34,9 @@ from .statistics import grid_table, markdown_summary, select, summarize
 # what later steps reuse (2–3× a later step on MiniLM, 2 CPU cores; the steps after it agree within ~10%). A
 # run of one step, whose only step was counted, once showed LNSR at 0.07× FT; it now has no step time.
 WARMUP_STEPS = 1
+# Optimizer steps at each end of a run over which the penalty's share of the loss is averaged (fewer in a
+# shorter run): the share at the start says how strong λ is for this model and data, the end how it changed.
+SHARE_STEPS = 5
 
 
 class Progress:
@@ -44,13 +47,16 @@ class Progress:
         self.bar = tqdm(total=total, unit="step", desc="training", disable=disable, dynamic_ncols=True)
 
     def callback(self, description: str):
-        """A TrainerCallback that advances the bar and keeps the wall time of every optimizer step in `times`."""
+        """A TrainerCallback that advances the bar and keeps, per optimizer step, its wall time in `times` and
+        the penalty's share of the loss of its last forward in `shares` (penalty / (task loss + penalty), from
+        the handle's `last`; none for a method without a penalty)."""
         from transformers import TrainerCallback
         bar = self.bar
 
         class _StepTimer(TrainerCallback):
             def __init__(self):
                 self.times: list[float] = []
+                self.shares: list[float] = []
                 self._start = None
 
             def on_train_begin(self, args, state, control, **kwargs):
@@ -59,9 +65,13 @@ class Progress:
             def on_step_begin(self, args, state, control, **kwargs):
                 self._start = time.perf_counter()
 
-            def on_step_end(self, args, state, control, **kwargs):
+            def on_step_end(self, args, state, control, model=None, **kwargs):
                 if self._start is not None:
                     self.times.append(time.perf_counter() - self._start)
+                handle = handle_of(model) if model is not None else None
+                if handle is not None and all(n in handle.last for n in handle.method.names):
+                    task, penalty = (float(handle.last[n]) for n in handle.method.names)
+                    self.shares.append(penalty / (task + penalty) if task + penalty else math.nan)
                 bar.update(1)
 
         return _StepTimer()
@@ -120,8 +130,9 @@ def train_one(model, tokenizer, train, method: str, hparams: dict, seed: int, pr
               description: str, *, epochs: int, batch_size: int, lr: float, warmup: float = 0.1) -> dict:
     """Fine-tune `model` in place with LNSRTrainer (AdamW, linear warm-up over the fraction `warmup` of the
     steps, then linear decay; weight decay 0.01) and method `method` with `hparams`; returns the step count,
-    the run time, the median step time after WARMUP_STEPS steps (NaN for a run that has no more) and the
-    last logged losses."""
+    the run time, the median step time after WARMUP_STEPS steps (NaN for a run that has no more), the last
+    logged losses and the penalty's share of the loss over the first and the last SHARE_STEPS steps (0 for
+    ft, None for a method without a penalty)."""
     timer = progress.callback(description)
     with tempfile.TemporaryDirectory(prefix="lnsr-fast-") as tmp:
         trainer = _trainer(model, tokenizer, train, method, hparams, seed, tmp, [timer], epochs=epochs,
@@ -131,11 +142,14 @@ def train_one(model, tokenizer, train, method: str, hparams: dict, seed: int, pr
     logs = [h for h in trainer.state.log_history if "loss" in h]
     last = logs[-1] if logs else {}
     timed = timer.times[WARMUP_STEPS:]
+    ends = min(SHARE_STEPS, len(timer.shares))
+    share = lambda values: statistics.fmean(values) if values else (0.0 if method == "ft" else None)
     return {
         "steps": int(result.global_step), "train_runtime_s": float(result.metrics.get("train_runtime", math.nan)),
         "step_time_ms": 1000 * statistics.median(timed) if timed else math.nan, "timed_steps": len(timed),
         "final_loss": last.get("loss"), "final_task_loss": last.get("task_loss", last.get("loss")),
         "final_penalty": last.get("lnsr_penalty", last.get("penalty", 0.0 if method == "ft" else None)),
+        "penalty_share_start": share(timer.shares[:ends]), "penalty_share_end": share(timer.shares[len(timer.shares) - ends:]),
     }
 
 

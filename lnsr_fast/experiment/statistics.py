@@ -60,10 +60,17 @@ def _median(values) -> float:
     return statistics.median(values) if values else float("nan")
 
 
+def _mean_of(values) -> float:
+    """The mean of the values that are not None (NaN if none is)."""
+    values = [v for v in values if v is not None]
+    return statistics.fmean(values) if values else float("nan")
+
+
 def summarize(records: list[dict], chosen: dict[str, dict], split: str = "test", baseline: str = "ft") -> list[dict]:
     """One row per method over the runs of its chosen grid point: accuracy and macro-F1 on `split` ("test";
     "dev" for a fine-tuning run) mean, sample std (ddof 1; NaN for one run) and max; mean validation and train
-    accuracy; gap = train − `split` accuracy (mean); the p-values of the `split` accuracies against
+    accuracy; gap = train − `split` accuracy (mean); the penalty's mean share of the loss at the start and the
+    end of the runs; the p-values of the `split` accuracies against
     `baseline`'s, Welch's (the paper's) and paired by seed; the median over runs of each run's median step time
     and its ratio to the baseline's."""
     rows = []
@@ -92,6 +99,7 @@ def summarize(records: list[dict], chosen: dict[str, dict], split: str = "test",
                                                     {r["seed"]: r[f"{split}_accuracy"] for r in base})
                                      if compared else math.nan),
             "step_time_ms_median": step, "step_time_vs_ft": step / base_step,
+            **{f"penalty_share_{end}_mean": _mean_of(r.get(f"penalty_share_{end}") for r in rs) for end in ("start", "end")},
         })
     return rows
 
@@ -110,7 +118,7 @@ def markdown_summary(rows: list[dict], split: str = "test") -> str:
     pct = lambda v: _number(v, scale=100)
     head = (f"| method | hyperparameters | runs | {split} acc mean ± std | {split} acc max "
             f"| {split} macro-F1 mean ± std | val acc | train acc | gap (train − {split}) | p vs FT (Welch) "
-            "| p vs FT (paired by seed) | step (ms) | step × FT |")
+            "| p vs FT (paired by seed) | penalty share start → end | step (ms) | step × FT |")
     lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
     for s in rows:
         lines.append(
@@ -120,6 +128,7 @@ def markdown_summary(rows: list[dict], split: str = "test") -> str:
             f"| {pct(s[f'{split}_macro_f1_mean'])} ± {pct(s[f'{split}_macro_f1_std'])} "
             f"| {pct(s['val_accuracy_mean'])} | {pct(s['train_accuracy_mean'])} | {pct(s['gap_mean'])} "
             f"| {_number(s['p_value_vs_ft'], '.3g')} | {_number(s['paired_p_value_vs_ft'], '.3g')} "
+            f"| {_number(s['penalty_share_start_mean'], '.1f', 100, '%')} → {_number(s['penalty_share_end_mean'], '.1f', 100, '%')} "
             f"| {_number(s['step_time_ms_median'], '.0f')} | {_number(s['step_time_vs_ft'], unit='×')} |")
     return "\n".join(lines)
 
