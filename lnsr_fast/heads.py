@@ -38,10 +38,11 @@ def head_kind(model) -> str | None:
     for kind, mapping in (
         ("sequence_classification", auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES),
         ("token_classification", auto.MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES),
+        # before the masked LMs, which list BART's conditional-generation model too
+        ("seq2seq_lm", auto.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES),
         ("token_classification", auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES),
         ("question_answering", auto.MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES),
         ("causal_lm", auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES),
-        ("seq2seq_lm", auto.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES),
     ):
         if name in _class_names(mapping):
             return kind

@@ -456,6 +456,17 @@ def test_the_decoder_stack_of_an_encoder_decoder_model():
     assert 0 < decoder.last["lnsr_penalty"] != encoder.last["lnsr_penalty"]
 
 
+@pytest.mark.parametrize("family", ["bart", "t5"])
+def test_both_copies_decode_the_same_decoder_inputs(family):
+    """The noisy copy's decoder inputs are derived from the clean labels, as the clean copy's are (BART's LM was
+    once taken for a masked LM, whose ignored labels then became the noisy copy's decoder inputs)."""
+    model = make_model(family, "s2s")
+    assert lf.regularize.heads.head_kind(model) == "seq2seq_lm"
+    handle = lf.apply(model, lf.LNSRConfig(noise="gaussian", ratio=TINY, weight=1.0, stack="decoder"))
+    quietly(model, make_batch(model, "s2s"))
+    assert handle.last["lnsr_penalty"] < 1e-8
+
+
 # ----------------------------------------------------------------------------------------------------------
 # 5. Checks.
 

@@ -132,9 +132,14 @@ def test_summary_statistics_match_a_direct_computation():
     d = lnsr_acc - ft_acc   # seed i of both methods is a pair
     t_paired = d.mean() / (d.std(ddof=1) / math.sqrt(10))
     assert s["paired_p_value_vs_ft"] == pytest.approx(2 * stats.t.sf(abs(t_paired), 9))
+    assert s["paired_p_value_vs_ft_holm"] == pytest.approx(s["paired_p_value_vs_ft"])   # one comparison
+    half = stats.t.ppf(0.975, 9) * d.std(ddof=1) / math.sqrt(10)
+    assert (s["diff_vs_ft_mean"], s["diff_vs_ft_low"], s["diff_vs_ft_high"]) == (
+        pytest.approx(d.mean()), pytest.approx(d.mean() - half), pytest.approx(d.mean() + half))
     assert s["step_time_vs_ft"] == pytest.approx(statistics.median(150.0 + i for i in range(10, 20)) / 100.0)
     table = exp_stats.markdown_summary(list(rows.values()))
     assert f"{100 * lnsr_acc.mean():.2f} ± {100 * lnsr_acc.std(ddof=1):.2f}" in table and "weight=0.1" in table
+    assert f"| {100 * d.mean():+.2f} [{100 * (d.mean() - half):+.2f}, {100 * (d.mean() + half):+.2f}] |" in table
 
 
 def test_runs_without_a_step_after_warm_up_have_no_step_time():
@@ -142,6 +147,18 @@ def test_runs_without_a_step_after_warm_up_have_no_step_time():
                                        step_time_ms=math.nan)], {"ft": {}})
     assert math.isnan(rows[0]["step_time_ms_median"])
     assert "| n/a | n/a |" in exp_stats.markdown_summary(rows)
+
+
+def test_paired_interval_and_holm():
+    a, b = {0: 0.50, 1: 0.62, 2: 0.71, 3: 0.55, 9: 0.9}, {0: 0.40, 1: 0.55, 2: 0.50, 3: 0.56}
+    mean, low, high = exp_stats.paired_interval(a, b)
+    ci = stats.ttest_rel([0.50, 0.62, 0.71, 0.55], [0.40, 0.55, 0.50, 0.56]).confidence_interval(0.95)
+    assert mean == pytest.approx(0.0925) and (low, high) == (pytest.approx(ci.low), pytest.approx(ci.high))
+    assert math.isnan(exp_stats.paired_interval({0: 0.5}, {0: 0.4})[1])
+    # Holm: the k-th smallest of m p-values times (m − k + 1), never below an earlier one; NaN not counted
+    got = exp_stats.holm([0.01, 0.04, math.nan, 0.03, 0.5])
+    assert got[:2] == [pytest.approx(0.04), pytest.approx(0.09)] and math.isnan(got[2])
+    assert got[3:] == [pytest.approx(0.09), 0.5] and exp_stats.holm([0.6, 0.7]) == [1.0, 1.0]
 
 
 def test_paired_p_value_uses_the_shared_seeds_only():

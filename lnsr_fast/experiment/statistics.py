@@ -54,6 +54,29 @@ def paired_p_value(a: dict, b: dict) -> float:
     return float(stats.ttest_rel([a[s] for s in seeds], [b[s] for s in seeds]).pvalue)
 
 
+def paired_interval(a: dict, b: dict, level: float = 0.95) -> tuple[float, float, float]:
+    """(mean, low, high): the mean over the keys both maps hold of a − b and its two-sided `level` t-interval;
+    NaNs with fewer than 2 pairs."""
+    from scipy import stats
+    keys = sorted(set(a) & set(b))
+    d = np.array([a[k] - b[k] for k in keys], dtype=float)
+    if d.size < 2:
+        return (float(d.mean()) if d.size else math.nan), math.nan, math.nan
+    half = stats.t.ppf((1 + level) / 2, d.size - 1) * d.std(ddof=1) / math.sqrt(d.size)
+    return float(d.mean()), float(d.mean() - half), float(d.mean() + half)
+
+
+def holm(p_values: list[float]) -> list[float]:
+    """Holm–Bonferroni adjusted p-values, in the order given (NaN stays NaN and is not counted): the family-wise
+    error over all the comparisons stays at the level any of them is read at."""
+    order = sorted((p, i) for i, p in enumerate(p_values) if not math.isnan(p))
+    adjusted, running = [math.nan] * len(p_values), 0.0
+    for rank, (p, i) in enumerate(order):
+        running = max(running, min(1.0, (len(order) - rank) * p))
+        adjusted[i] = running
+    return adjusted
+
+
 def _median(values) -> float:
     # Step times are NaN for a run with no step after its warm-up.
     values = [v for v in values if not math.isnan(v)]
@@ -70,11 +93,13 @@ def summarize(records: list[dict], chosen: dict[str, dict], split: str = "test",
     """One row per method over the runs of its chosen grid point: accuracy and macro-F1 on `split` ("test";
     "dev" for a fine-tuning run) mean, sample std (ddof 1; NaN for one run) and max; mean validation and train
     accuracy; gap = train − `split` accuracy (mean); the penalty's mean share of the loss at the start and the
-    end of the runs; the p-values of the `split` accuracies against
-    `baseline`'s, Welch's (the paper's) and paired by seed; the median over runs of each run's median step time
-    and its ratio to the baseline's."""
+    end of the runs; against `baseline`: the mean difference of the `split` accuracies paired by seed with its
+    95% t-interval, the p-values (Welch's, the paper's, and paired by seed) and the paired one Holm-adjusted
+    over every method compared; the median over runs of each run's median step time and its ratio to the
+    baseline's."""
     rows = []
     runs = {m: runs_of(records, m, p) for m, p in chosen.items()}
+    by_seed = lambda rs: {r["seed"]: r[f"{split}_accuracy"] for r in rs}
     base = runs.get(baseline, [])
     base_step = _median(r["step_time_ms"] for r in base)
     sd = lambda v: statistics.stdev(v) if len(v) > 1 else float("nan")
@@ -95,12 +120,14 @@ def summarize(records: list[dict], chosen: dict[str, dict], split: str = "test",
             "train_accuracy_mean": statistics.fmean(r["train_accuracy"] for r in rs),
             "gap_mean": statistics.fmean(r["train_accuracy"] - r[f"{split}_accuracy"] for r in rs),
             "p_value_vs_ft": welch_p_value(acc, [r[f"{split}_accuracy"] for r in base]) if compared else math.nan,
-            "paired_p_value_vs_ft": (paired_p_value({r["seed"]: r[f"{split}_accuracy"] for r in rs},
-                                                    {r["seed"]: r[f"{split}_accuracy"] for r in base})
-                                     if compared else math.nan),
+            "paired_p_value_vs_ft": paired_p_value(by_seed(rs), by_seed(base)) if compared else math.nan,
+            **dict(zip(("diff_vs_ft_mean", "diff_vs_ft_low", "diff_vs_ft_high"),
+                       paired_interval(by_seed(rs), by_seed(base)) if compared else (math.nan,) * 3)),
             "step_time_ms_median": step, "step_time_vs_ft": step / base_step,
             **{f"penalty_share_{end}_mean": _mean_of(r.get(f"penalty_share_{end}") for r in rs) for end in ("start", "end")},
         })
+    for row, p in zip(rows, holm([r["paired_p_value_vs_ft"] for r in rows])):
+        row["paired_p_value_vs_ft_holm"] = p
     return rows
 
 
@@ -113,12 +140,18 @@ def _number(value, fmt: str = ".2f", scale: float = 1.0, unit: str = "") -> str:
     return "n/a" if value is None or math.isnan(value) else format(scale * value, fmt) + unit
 
 
+def _signed(value) -> str:
+    """A difference of accuracies in points, with its sign."""
+    return "n/a" if value is None or math.isnan(value) else f"{100 * value:+.2f}"
+
+
 def markdown_summary(rows: list[dict], split: str = "test") -> str:
     """The summary rows as a markdown table (accuracies in %)."""
     pct = lambda v: _number(v, scale=100)
     head = (f"| method | hyperparameters | runs | {split} acc mean ± std | {split} acc max "
             f"| {split} macro-F1 mean ± std | val acc | train acc | gap (train − {split}) | p vs FT (Welch) "
-            "| p vs FT (paired by seed) | penalty share start → end | step (ms) | step × FT |")
+            "| p vs FT (paired by seed) | Δ vs FT, paired (95% CI) | paired p, Holm | penalty share start → end "
+            "| step (ms) | step × FT |")
     lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
     for s in rows:
         lines.append(
@@ -128,6 +161,8 @@ def markdown_summary(rows: list[dict], split: str = "test") -> str:
             f"| {pct(s[f'{split}_macro_f1_mean'])} ± {pct(s[f'{split}_macro_f1_std'])} "
             f"| {pct(s['val_accuracy_mean'])} | {pct(s['train_accuracy_mean'])} | {pct(s['gap_mean'])} "
             f"| {_number(s['p_value_vs_ft'], '.3g')} | {_number(s['paired_p_value_vs_ft'], '.3g')} "
+            f"| {_signed(s['diff_vs_ft_mean'])} [{_signed(s['diff_vs_ft_low'])}, {_signed(s['diff_vs_ft_high'])}] "
+            f"| {_number(s['paired_p_value_vs_ft_holm'], '.3g')} "
             f"| {_number(s['penalty_share_start_mean'], '.1f', 100, '%')} → {_number(s['penalty_share_end_mean'], '.1f', 100, '%')} "
             f"| {_number(s['step_time_ms_median'], '.0f')} | {_number(s['step_time_vs_ft'], unit='×')} |")
     return "\n".join(lines)
