@@ -1,8 +1,9 @@
 """lnsr_fast.methods: the registry of configs, each peer method's defining property inside the model's forward, and
 a few training steps of every method through LNSRTrainer and through `lnsr-fast finetune`.
 
-Tiny random-init BERT (vocab 100, hidden 32, 2 layers, 2 heads); dropout off where a property needs
-deterministic passes.
+Tiny random-init BERT (vocab 100, hidden 32, 2 layers, 2 heads), and tests/families.py's tiny models where a
+property depends on the architecture (where SMART perturbs); dropout off where a property needs deterministic
+passes.
 """
 from __future__ import annotations
 
@@ -20,10 +21,13 @@ from torch import nn
 from transformers import (BertConfig, BertForSequenceClassification, BertTokenizerFast, TrainerCallback,
                           TrainingArguments)
 
+import families
 import lnsr_fast as lf
 from lnsr_fast import LNSRTrainer, cli, experiment
+from lnsr_fast.lnsr import transformer_layers
 from lnsr_fast.methods import METHODS, config, config_class, defaults, help_texts
 from lnsr_fast.methods.base import kl_divergence, symmetric_kl
+from lnsr_fast.methods.smart import embedding_layer
 from lnsr_fast.regularize import word_embeddings
 from lnsr_fast.trainer import NOISE_STATE_NAME
 
@@ -71,6 +75,16 @@ def capture_word_embeddings(model) -> list[torch.Tensor]:
     after `apply`), detached."""
     seen: list[torch.Tensor] = []
     word_embeddings(model).register_forward_hook(lambda m, a, out: seen.append(out.detach().clone()) and None)
+    return seen
+
+
+def capture_first_layer_inputs(model) -> list[torch.Tensor]:
+    """What the first transformer layer receives in every pass, detached."""
+    seen: list[torch.Tensor] = []
+
+    def keep(module, args, kwargs):
+        seen.append((args[0] if args else kwargs["hidden_states"]).detach().clone())
+    transformer_layers(model)[0].register_forward_pre_hook(keep, with_kwargs=True)
     return seen
 
 
@@ -292,16 +306,17 @@ def test_cwgnc_clips_after_gradient_accumulation_in_the_trainer(tmp_path):
 # ---- SMART --------------------------------------------------------------------------------------------
 
 def test_smart_ascent_raises_the_kl_more_than_random_directions():
-    """With a step where the gradient dominates the initial noise, the ascent direction (unit ∞-norm per token)
-    moves the output distribution more than random directions of the same ∞-norm."""
+    """With a step where the gradient dominates the initial noise, the ascent direction (unit ∞-norm per token,
+    added to what the first layer receives) moves the output distribution more than random directions of the
+    same ∞-norm. (The KL's gradient there is ~1e-6 of δ: η = 1e8 makes it dominate.)"""
     model = tiny_bert(num_labels=3)
-    apply(model, "smart", step_size=1e3, noise_var=1e-3)
-    embeds, logits = capture_word_embeddings(model), capture_logits(model)
+    apply(model, "smart", step_size=1e8, noise_var=1e-3)
+    inputs, logits = capture_first_layer_inputs(model), capture_logits(model)
     batch = make_batch(6)
     torch.manual_seed(0)
     model(**batch)
-    assert len(embeds) == 3   # the clean pass, one ascent step, the perturbed pass
-    x, delta = embeds[0], embeds[-1] - embeds[0]
+    assert len(inputs) == 3   # the clean pass, one ascent step, the perturbed pass
+    delta = inputs[-1] - inputs[0]
     clean, adversarial = logits[0].detach(), logits[-1].detach()
     real = batch["attention_mask"].bool()
     # ‖δ_t‖_∞ = m / (m + ε) ≈ 1 (m: the ∞-norm before the projection, ε = 1e-6)
@@ -310,13 +325,57 @@ def test_smart_ascent_raises_the_kl_more_than_random_directions():
     lf.remove(model)
     random = []
     for _ in range(8):
-        r = torch.randn_like(x)
+        r = torch.randn_like(delta)
         r = r / r.abs().amax(-1, keepdim=True) * real[..., None]
-        hook = word_embeddings(model).register_forward_hook(lambda m, a, out, r=r: out + r)
+        hook = model.bert.embeddings.register_forward_hook(lambda m, a, out, r=r: out + r)
         with torch.no_grad():
             random.append(kl_divergence(clean, model(**batch).logits))
         hook.remove()
     assert kl_divergence(clean, adversarial) > torch.stack(random).mean()
+
+
+@pytest.mark.parametrize("family, layer", [
+    ("bert", "bert.embeddings"), ("deberta-v2", "deberta.embeddings"), ("modernbert", "model.embeddings"),
+    ("bart", "model.encoder.layernorm_embedding"), ("gpt2", None), ("llama", None), ("t5", None)])
+def test_smart_perturbs_what_the_first_layer_receives(family, layer):
+    """mt-dnn adds δ to the embedding layer's output (after the LayerNorm), which the first layer receives: the
+    perturbed pass's first-layer input is the clean one's + δ, δ of ∞-norm 1 per real token and 0 at padding.
+    On the raw word embeddings (before positions and the LayerNorm) the difference would be LayerNorm-scaled.
+    Decoders and T5 have no such layer: their first layer receives the word embeddings (+ GPT-2's positions)."""
+    model = families.make_model(family, "seq")
+    named = dict(model.named_modules())
+    assert embedding_layer(model) is (named[layer] if layer else None)
+    handle = apply(model, "smart", step_size=1e3, noise_var=1e-3)
+    inputs = capture_first_layer_inputs(model)
+    batch = families.make_batch(model, "seq")
+    model(**batch).loss.backward()
+    assert len(inputs) == 3 and handle.last["penalty"] > 0
+    delta, real = inputs[-1] - inputs[0], batch["attention_mask"].bool()
+    torch.testing.assert_close(delta.abs().amax(-1)[real], torch.ones(int(real.sum())), rtol=1e-3, atol=0)
+    assert (delta[~real] == 0).all()
+    lf.remove(model)
+    assert layer is None or not named[layer]._forward_hooks   # remove() takes SMART's hook out
+
+
+def test_smart_under_gradient_checkpointing():
+    """Checkpointed layers are recomputed in backward, outside the pass; the perturbation is added by the embedding
+    layer, which is not checkpointed: the same penalty and gradients as without checkpointing (dropout 0.1, same
+    seed). (torch's reentrant checkpoint refuses the ascent's torch.autograd.grad, so SMART needs the
+    non-reentrant one.)"""
+    def run(checkpointing: bool):
+        model = tiny_bert(dropout=0.1)
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        handle = apply(model, "smart")
+        torch.manual_seed(5)
+        model(**make_batch()).loss.backward()
+        return handle.last["penalty"], grads(model)
+
+    (penalty, plain), (checkpointed_penalty, checkpointed) = run(False), run(True)
+    assert penalty > 0
+    torch.testing.assert_close(checkpointed_penalty, penalty)
+    for k, g in checkpointed.items():
+        torch.testing.assert_close(g, plain[k], rtol=1e-4, atol=1e-7, msg=k)
 
 
 @pytest.mark.parametrize("regression", [False, True])
