@@ -411,11 +411,12 @@ class Call:
         return (isinstance(value, torch.Tensor) and key not in _NOT_BATCHED and value.dim() > 0
                 and value.shape[0] == self.rows)
 
-    def clean_and_noisy(self, draw: Callable, pair: bool, concat: bool = True, record: bool = False) -> Copies:
+    def clean_and_noisy(self, draw: Callable, pair: bool, concat: bool = True, record: bool = False,
+                        detach_noisy: bool = False) -> Copies:
         """Run the clean copy of the batch and a noisy copy (`draw(input_ids, x, attention_mask)` added to its word
-        embeddings), with their dropout masks paired when `pair`, recording the hidden states when `record`: one
-        doubled pass, or two passes where `concat` is off or the labels or the model's randomness forbid one
-        pass (with one warning)."""
+        embeddings, detached first when `detach_noisy`), with their dropout masks paired when `pair`, recording
+        the hidden states when `record`: one doubled pass, or two passes where `concat` is off or the labels or
+        the model's randomness forbid one pass (with one warning)."""
         handle, model = self.handle, type(self.handle.model).__name__
         if concat and not (pair and handle.unpairable):
             planned = self.doubled()
@@ -425,7 +426,7 @@ class Call:
             else:
                 mode = self.watcher(self.rows, pair)
                 try:
-                    out, states = self.run(planned[0], self.noisy_half(draw), mode, record)
+                    out, states = self.run(planned[0], self.noisy_half(draw, detach_noisy), mode, record)
                 except UnpairableRandomness as e:
                     handle.unpairable = True
                     handle.warn_once(f"lnsr_fast: running two passes instead of one doubled pass: {model}'s dropout "
@@ -442,22 +443,23 @@ class Call:
         if inputs is None:
             raise TypeError(f"{model} derives its decoder inputs from the labels but has no "
                             "prepare_decoder_input_ids_from_labels; pass decoder_input_ids")
-        noisy, noisy_states = self.run(inputs, self.everywhere(draw), record=record)
+        noisy, noisy_states = self.run(inputs, self.everywhere(draw, detach_noisy), record=record)
         return Copies(out, states, noisy, noisy_states, mode, None)
 
-    def noisy_half(self, draw: Callable) -> Callable:
-        """A perturbation of a doubled pass: rows [rows, 2·rows) get `draw(input_ids, x, attention_mask)`."""
+    def noisy_half(self, draw: Callable, detach: bool = False) -> Callable:
+        """A perturbation of a doubled pass: rows [rows, 2·rows) get `draw(input_ids, x, attention_mask)`, added to
+        their embeddings detached when `detach`."""
         b, mask = self.rows, self.mask
 
         def perturb(input_ids, x):
             eps = draw(None if input_ids is None else input_ids[b:], x[b:].detach(), mask)
-            return torch.cat([x[:b], x[b:] + eps.to(x.dtype)])
+            return torch.cat([x[:b], (x[b:].detach() if detach else x[b:]) + eps.to(x.dtype)])
         return perturb
 
-    def everywhere(self, draw: Callable) -> Callable:
-        """A perturbation of every row: x + draw(input_ids, x, attention_mask)."""
+    def everywhere(self, draw: Callable, detach: bool = False) -> Callable:
+        """A perturbation of every row: x + draw(input_ids, x, attention_mask), x detached when `detach`."""
         mask = self.mask
-        return lambda input_ids, x: x + draw(input_ids, x.detach(), mask).to(x.dtype)
+        return lambda input_ids, x: (x.detach() if detach else x) + draw(input_ids, x.detach(), mask).to(x.dtype)
 
     # ---- the outputs ------------------------------------------------------------------------------------
 

@@ -100,7 +100,7 @@ def test_registry_names_order_and_documented_defaults():
     assert defaults("smart") == {"weight": 1.0, "steps": 1, "step_size": 1e-3, "noise_var": 1e-5, "epsilon": 1e-6,
                                  "norm": "inf"}
     assert defaults("freelb")["steps"] == 3 and defaults("mixout")["p"] == 0.9
-    assert defaults("r3f") == {"weight": 1.0, "eps": 1e-5, "noise": "uniform"}
+    assert defaults("r3f") == {"weight": 1.0, "eps": 1e-5, "noise": "uniform", "detach_noisy": True}
     assert defaults("ft") == {}
     assert defaults("lnsr")["ratio"] == 0.05 and defaults("lnsr_in_manifold")["ratio"] == 0.1
     assert "k" not in defaults("lnsr") and defaults("lnsr_in_manifold")["k"] == 10 and "noise" not in defaults("lnsr")
@@ -131,6 +131,7 @@ def test_config_rejects_unknown_methods_and_hyperparameters():
     ("freelb", {"max_norm": float("nan")}, ValueError, "max_norm"),
     ("r3f", {"noise": "gauss"}, ValueError, "noise"),
     ("r3f", {"eps": 0.0}, ValueError, "eps"),
+    ("r3f", {"detach_noisy": 1}, TypeError, "detach_noisy"),
     ("l2sp", {"alpha": -0.1}, ValueError, "alpha"),
     ("l2sp", {"beta": "1"}, TypeError, "beta"),
     ("mixout", {"p": 1.5}, ValueError, "p"),
@@ -487,6 +488,34 @@ def test_r3f_symmetric_kl_of_the_noisy_copy_with_gradients_through_both():
     want_clean, want_noisy = torch.autograd.grad(2.0 * symmetric_kl(c, n) + F.cross_entropy(c, batch["labels"]), (c, n))
     assert want_noisy.abs().sum() > 0
     torch.testing.assert_close(both.grad, torch.cat([want_clean, want_noisy]))
+
+
+@pytest.mark.parametrize("detach_noisy", [True, False])
+def test_r3f_noisy_copy_reaches_the_word_embeddings_only_when_not_detached(detach_noisy):
+    """fairseq adds the noise to `token_embeddings.detach().clone()`: the word-embedding weights get the gradient
+    that reaches the clean copy's rows only (the noisy rows' own gradient, from the penalty, stops there);
+    `detach_noisy=False` passes it on. The noisy rows are the clean ones + U(−eps, eps), 0 at padding."""
+    model = tiny_bert(num_labels=3)
+    apply(model, "r3f", eps=1e-2, detach_noisy=detach_noisy)
+    seen = []
+
+    def keep(module, args, out):   # the doubled pass's word embeddings, as perturbed: rows [0, 4) clean, [4, 8) noisy
+        out.retain_grad()
+        seen.append(out)
+    word_embeddings(model).register_forward_hook(keep)
+    batch = make_batch()
+    model(**batch).loss.backward()
+    (x,) = seen
+    clean, noisy = x.detach().chunk(2)
+    real = batch["attention_mask"].bool()
+    assert (noisy - clean).abs().max() <= 1e-2 and (noisy - clean)[real].abs().max() > 0.9e-2
+    assert ((noisy - clean)[~real] == 0).all()
+    rows = x.grad if not detach_noisy else torch.cat([x.grad[:4], torch.zeros_like(x.grad[4:])])
+    assert x.grad[4:].abs().sum() > 0   # the penalty's gradient reaches the noisy rows either way
+    ids = batch["input_ids"].repeat(2, 1)
+    want = torch.zeros_like(model.bert.embeddings.word_embeddings.weight).index_add_(0, ids.flatten(), rows.flatten(0, 1))
+    want[model.config.pad_token_id] = 0   # nn.Embedding's padding_idx gets no gradient
+    torch.testing.assert_close(model.bert.embeddings.word_embeddings.weight.grad, want, rtol=1e-5, atol=1e-8)
 
 
 def test_r3f_noise_scale():
