@@ -99,7 +99,10 @@ def test_registry_names_order_and_documented_defaults():
                        "noise_only_gaussian", "noise_only_in_manifold")
     assert defaults("smart") == {"weight": 1.0, "steps": 1, "step_size": 1e-3, "noise_var": 1e-5, "epsilon": 1e-6,
                                  "norm": "inf"}
-    assert defaults("freelb")["steps"] == 3 and defaults("mixout")["p"] == 0.9
+    # FreeLB: the RTE row of zhuchen03/FreeLB's huggingface-transformers/launch/run_glue.sh; CWGNC: the value
+    # yangalan123/FineTuningStability's compute_variance.py analyses (see the methods' docstrings).
+    assert defaults("freelb") == {"steps": 3, "step_size": 0.1, "init_mag": 0.0, "max_norm": 0.0}
+    assert defaults("cwgnc") == {"max_norm": 0.05} and defaults("mixout")["p"] == 0.9
     assert defaults("r3f") == {"weight": 1.0, "eps": 1e-5, "noise": "uniform", "detach_noisy": True}
     assert defaults("ft") == {}
     assert defaults("lnsr")["ratio"] == 0.05 and defaults("lnsr_in_manifold")["ratio"] == 0.1
