@@ -416,12 +416,12 @@ class Call:
                 and value.shape[0] == self.rows)
 
     def clean_and_noisy(self, draw: Callable, pair: bool, concat: bool = True, record: bool = False,
-                        fraction: float = 1.0) -> Copies:
+                        fraction: float = 1.0, detach_noisy: bool = False) -> Copies:
         """Run the clean copy of the batch and a noisy copy (`draw(input_ids, x, attention_mask)` added to its word
-        embeddings), with their dropout masks paired when `pair`, recording the hidden states when `record`: one
-        doubled pass, in which only the first ⌈fraction·rows⌉ rows get a noisy copy, or two passes (every row
-        has one) where `concat` is off or the labels or the model's randomness forbid one pass (with one
-        warning)."""
+        embeddings, detached first when `detach_noisy`), with their dropout masks paired when `pair`, recording the
+        hidden states when `record`: one doubled pass, in which only the first ⌈fraction·rows⌉ rows get a noisy
+        copy, or two passes (every row has one) where `concat` is off or the labels or the model's randomness
+        forbid one pass (with one warning)."""
         handle, model = self.handle, type(self.handle.model).__name__
         if concat and not (pair and handle.unpairable):
             pairs = min(self.rows, math.ceil(fraction * self.rows))
@@ -432,7 +432,7 @@ class Call:
             else:
                 mode = self.watcher(self.rows, pair, pairs)
                 try:
-                    out, states = self.run(planned[0], self.noisy_half(draw, pairs), mode, record)
+                    out, states = self.run(planned[0], self.noisy_half(draw, pairs, detach_noisy), mode, record)
                 except UnpairableRandomness as e:
                     handle.unpairable = True
                     handle.warn_once(f"lnsr_fast: running two passes instead of one doubled pass: {model}'s dropout "
@@ -452,24 +452,24 @@ class Call:
         if inputs is None:
             raise TypeError(f"{model} derives its decoder inputs from the labels but has no "
                             "prepare_decoder_input_ids_from_labels; pass decoder_input_ids")
-        noisy, noisy_states = self.run(inputs, self.everywhere(draw), record=record)
+        noisy, noisy_states = self.run(inputs, self.everywhere(draw, detach_noisy), record=record)
         return Copies(out, states, noisy, noisy_states, mode, None, self.rows)
 
-    def noisy_half(self, draw: Callable, pairs: int | None = None) -> Callable:
+    def noisy_half(self, draw: Callable, pairs: int | None = None, detach: bool = False) -> Callable:
         """A perturbation of a doubled pass: the rows after the first `rows` (the copies of rows [0, pairs)) get
-        `draw(input_ids, x, attention_mask)`."""
+        `draw(input_ids, x, attention_mask)`, added to their embeddings detached when `detach`."""
         b = self.rows
         mask = self.mask if self.mask is None or pairs in (None, b) else self.mask[:pairs]
 
         def perturb(input_ids, x):
             eps = draw(None if input_ids is None else input_ids[b:], x[b:].detach(), mask)
-            return torch.cat([x[:b], x[b:] + eps.to(x.dtype)])
+            return torch.cat([x[:b], (x[b:].detach() if detach else x[b:]) + eps.to(x.dtype)])
         return perturb
 
-    def everywhere(self, draw: Callable) -> Callable:
-        """A perturbation of every row: x + draw(input_ids, x, attention_mask)."""
+    def everywhere(self, draw: Callable, detach: bool = False) -> Callable:
+        """A perturbation of every row: x + draw(input_ids, x, attention_mask), x detached when `detach`."""
         mask = self.mask
-        return lambda input_ids, x: x + draw(input_ids, x.detach(), mask).to(x.dtype)
+        return lambda input_ids, x: (x.detach() if detach else x) + draw(input_ids, x.detach(), mask).to(x.dtype)
 
     # ---- the outputs ------------------------------------------------------------------------------------
 

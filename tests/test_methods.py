@@ -1,8 +1,9 @@
 """lnsr_fast.methods: the registry of configs, each peer method's defining property inside the model's forward, and
 a few training steps of every method through LNSRTrainer and through `lnsr-fast finetune`.
 
-Tiny random-init BERT (vocab 100, hidden 32, 2 layers, 2 heads); dropout off where a property needs
-deterministic passes.
+Tiny random-init BERT (vocab 100, hidden 32, 2 layers, 2 heads), and tests/families.py's tiny models where a
+property depends on the architecture (where SMART perturbs); dropout off where a property needs deterministic
+passes.
 """
 from __future__ import annotations
 
@@ -20,10 +21,13 @@ from torch import nn
 from transformers import (BertConfig, BertForSequenceClassification, BertTokenizerFast, TrainerCallback,
                           TrainingArguments)
 
+import families
 import lnsr_fast as lf
 from lnsr_fast import LNSRTrainer, cli, experiment
+from lnsr_fast.lnsr import transformer_layers
 from lnsr_fast.methods import METHODS, config, config_class, defaults, help_texts
 from lnsr_fast.methods.base import kl_divergence, symmetric_kl
+from lnsr_fast.methods.smart import embedding_layer
 from lnsr_fast.regularize import word_embeddings
 from lnsr_fast.trainer import NOISE_STATE_NAME
 
@@ -74,6 +78,16 @@ def capture_word_embeddings(model) -> list[torch.Tensor]:
     return seen
 
 
+def capture_first_layer_inputs(model) -> list[torch.Tensor]:
+    """What the first transformer layer receives in every pass, detached."""
+    seen: list[torch.Tensor] = []
+
+    def keep(module, args, kwargs):
+        seen.append((args[0] if args else kwargs["hidden_states"]).detach().clone())
+    transformer_layers(model)[0].register_forward_pre_hook(keep, with_kwargs=True)
+    return seen
+
+
 def apply(model, name: str, **hyperparameters):
     return lf.apply(model, config(name, **hyperparameters))
 
@@ -85,8 +99,11 @@ def test_registry_names_order_and_documented_defaults():
                        "noise_only_gaussian", "noise_only_in_manifold")
     assert defaults("smart") == {"weight": 1.0, "steps": 1, "step_size": 1e-3, "noise_var": 1e-5, "epsilon": 1e-6,
                                  "norm": "inf"}
-    assert defaults("freelb")["steps"] == 3 and defaults("mixout")["p"] == 0.9
-    assert defaults("r3f") == {"weight": 1.0, "eps": 1e-5, "noise": "uniform"}
+    # FreeLB: the RTE row of zhuchen03/FreeLB's huggingface-transformers/launch/run_glue.sh; CWGNC: the value
+    # yangalan123/FineTuningStability's compute_variance.py analyses (see the methods' docstrings).
+    assert defaults("freelb") == {"steps": 3, "step_size": 0.1, "init_mag": 0.0, "max_norm": 0.0}
+    assert defaults("cwgnc") == {"max_norm": 0.05} and defaults("mixout")["p"] == 0.9
+    assert defaults("r3f") == {"weight": 1.0, "eps": 1e-5, "noise": "uniform", "detach_noisy": True}
     assert defaults("ft") == {}
     assert defaults("lnsr")["ratio"] == 0.05 and defaults("lnsr_in_manifold")["ratio"] == 0.1
     assert "k" not in defaults("lnsr") and defaults("lnsr_in_manifold")["k"] == 10 and "noise" not in defaults("lnsr")
@@ -117,6 +134,7 @@ def test_config_rejects_unknown_methods_and_hyperparameters():
     ("freelb", {"max_norm": float("nan")}, ValueError, "max_norm"),
     ("r3f", {"noise": "gauss"}, ValueError, "noise"),
     ("r3f", {"eps": 0.0}, ValueError, "eps"),
+    ("r3f", {"detach_noisy": 1}, TypeError, "detach_noisy"),
     ("l2sp", {"alpha": -0.1}, ValueError, "alpha"),
     ("l2sp", {"beta": "1"}, TypeError, "beta"),
     ("mixout", {"p": 1.5}, ValueError, "p"),
@@ -292,16 +310,17 @@ def test_cwgnc_clips_after_gradient_accumulation_in_the_trainer(tmp_path):
 # ---- SMART --------------------------------------------------------------------------------------------
 
 def test_smart_ascent_raises_the_kl_more_than_random_directions():
-    """With a step where the gradient dominates the initial noise, the ascent direction (unit ∞-norm per token)
-    moves the output distribution more than random directions of the same ∞-norm."""
+    """With a step where the gradient dominates the initial noise, the ascent direction (unit ∞-norm per token,
+    added to what the first layer receives) moves the output distribution more than random directions of the
+    same ∞-norm. (The KL's gradient there is ~1e-6 of δ: η = 1e8 makes it dominate.)"""
     model = tiny_bert(num_labels=3)
-    apply(model, "smart", step_size=1e3, noise_var=1e-3)
-    embeds, logits = capture_word_embeddings(model), capture_logits(model)
+    apply(model, "smart", step_size=1e8, noise_var=1e-3)
+    inputs, logits = capture_first_layer_inputs(model), capture_logits(model)
     batch = make_batch(6)
     torch.manual_seed(0)
     model(**batch)
-    assert len(embeds) == 3   # the clean pass, one ascent step, the perturbed pass
-    x, delta = embeds[0], embeds[-1] - embeds[0]
+    assert len(inputs) == 3   # the clean pass, one ascent step, the perturbed pass
+    delta = inputs[-1] - inputs[0]
     clean, adversarial = logits[0].detach(), logits[-1].detach()
     real = batch["attention_mask"].bool()
     # ‖δ_t‖_∞ = m / (m + ε) ≈ 1 (m: the ∞-norm before the projection, ε = 1e-6)
@@ -310,13 +329,57 @@ def test_smart_ascent_raises_the_kl_more_than_random_directions():
     lf.remove(model)
     random = []
     for _ in range(8):
-        r = torch.randn_like(x)
+        r = torch.randn_like(delta)
         r = r / r.abs().amax(-1, keepdim=True) * real[..., None]
-        hook = word_embeddings(model).register_forward_hook(lambda m, a, out, r=r: out + r)
+        hook = model.bert.embeddings.register_forward_hook(lambda m, a, out, r=r: out + r)
         with torch.no_grad():
             random.append(kl_divergence(clean, model(**batch).logits))
         hook.remove()
     assert kl_divergence(clean, adversarial) > torch.stack(random).mean()
+
+
+@pytest.mark.parametrize("family, layer", [
+    ("bert", "bert.embeddings"), ("deberta-v2", "deberta.embeddings"), ("modernbert", "model.embeddings"),
+    ("bart", "model.encoder.layernorm_embedding"), ("gpt2", None), ("llama", None), ("t5", None)])
+def test_smart_perturbs_what_the_first_layer_receives(family, layer):
+    """mt-dnn adds δ to the embedding layer's output (after the LayerNorm), which the first layer receives: the
+    perturbed pass's first-layer input is the clean one's + δ, δ of ∞-norm 1 per real token and 0 at padding.
+    On the raw word embeddings (before positions and the LayerNorm) the difference would be LayerNorm-scaled.
+    Decoders and T5 have no such layer: their first layer receives the word embeddings (+ GPT-2's positions)."""
+    model = families.make_model(family, "seq")
+    named = dict(model.named_modules())
+    assert embedding_layer(model) is (named[layer] if layer else None)
+    handle = apply(model, "smart", step_size=1e3, noise_var=1e-3)
+    inputs = capture_first_layer_inputs(model)
+    batch = families.make_batch(model, "seq")
+    model(**batch).loss.backward()
+    assert len(inputs) == 3 and handle.last["penalty"] > 0
+    delta, real = inputs[-1] - inputs[0], batch["attention_mask"].bool()
+    torch.testing.assert_close(delta.abs().amax(-1)[real], torch.ones(int(real.sum())), rtol=1e-3, atol=0)
+    assert (delta[~real] == 0).all()
+    lf.remove(model)
+    assert layer is None or not named[layer]._forward_hooks   # remove() takes SMART's hook out
+
+
+def test_smart_under_gradient_checkpointing():
+    """Checkpointed layers are recomputed in backward, outside the pass; the perturbation is added by the embedding
+    layer, which is not checkpointed: the same penalty and gradients as without checkpointing (dropout 0.1, same
+    seed). (torch's reentrant checkpoint refuses the ascent's torch.autograd.grad, so SMART needs the
+    non-reentrant one.)"""
+    def run(checkpointing: bool):
+        model = tiny_bert(dropout=0.1)
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        handle = apply(model, "smart")
+        torch.manual_seed(5)
+        model(**make_batch()).loss.backward()
+        return handle.last["penalty"], grads(model)
+
+    (penalty, plain), (checkpointed_penalty, checkpointed) = run(False), run(True)
+    assert penalty > 0
+    torch.testing.assert_close(checkpointed_penalty, penalty)
+    for k, g in checkpointed.items():
+        torch.testing.assert_close(g, plain[k], rtol=1e-4, atol=1e-7, msg=k)
 
 
 @pytest.mark.parametrize("regression", [False, True])
@@ -428,6 +491,34 @@ def test_r3f_symmetric_kl_of_the_noisy_copy_with_gradients_through_both():
     want_clean, want_noisy = torch.autograd.grad(2.0 * symmetric_kl(c, n) + F.cross_entropy(c, batch["labels"]), (c, n))
     assert want_noisy.abs().sum() > 0
     torch.testing.assert_close(both.grad, torch.cat([want_clean, want_noisy]))
+
+
+@pytest.mark.parametrize("detach_noisy", [True, False])
+def test_r3f_noisy_copy_reaches_the_word_embeddings_only_when_not_detached(detach_noisy):
+    """fairseq adds the noise to `token_embeddings.detach().clone()`: the word-embedding weights get the gradient
+    that reaches the clean copy's rows only (the noisy rows' own gradient, from the penalty, stops there);
+    `detach_noisy=False` passes it on. The noisy rows are the clean ones + U(−eps, eps), 0 at padding."""
+    model = tiny_bert(num_labels=3)
+    apply(model, "r3f", eps=1e-2, detach_noisy=detach_noisy)
+    seen = []
+
+    def keep(module, args, out):   # the doubled pass's word embeddings, as perturbed: rows [0, 4) clean, [4, 8) noisy
+        out.retain_grad()
+        seen.append(out)
+    word_embeddings(model).register_forward_hook(keep)
+    batch = make_batch()
+    model(**batch).loss.backward()
+    (x,) = seen
+    clean, noisy = x.detach().chunk(2)
+    real = batch["attention_mask"].bool()
+    assert (noisy - clean).abs().max() <= 1e-2 and (noisy - clean)[real].abs().max() > 0.9e-2
+    assert ((noisy - clean)[~real] == 0).all()
+    rows = x.grad if not detach_noisy else torch.cat([x.grad[:4], torch.zeros_like(x.grad[4:])])
+    assert x.grad[4:].abs().sum() > 0   # the penalty's gradient reaches the noisy rows either way
+    ids = batch["input_ids"].repeat(2, 1)
+    want = torch.zeros_like(model.bert.embeddings.word_embeddings.weight).index_add_(0, ids.flatten(), rows.flatten(0, 1))
+    want[model.config.pad_token_id] = 0   # nn.Embedding's padding_idx gets no gradient
+    torch.testing.assert_close(model.bert.embeddings.word_embeddings.weight.grad, want, rtol=1e-5, atol=1e-8)
 
 
 def test_r3f_noise_scale():

@@ -6,11 +6,23 @@ Source: Zhu et al., "FreeLB: Enhanced Adversarial Training for Natural Language 
 reference code: github.com/zhuchen03/FreeLB (huggingface-transformers/examples/run_glue_freelb.py). As there
 (l2 norm type): δ₀ ~ U(−1, 1) at real tokens, scaled by init_mag / sqrt(L·d) (L = the example's real tokens,
 d = width); each step's loss is divided by K; δ ← δ + α·g/‖g‖ per example (Frobenius norm, floored at
-1e-8), then rescaled to ‖δ‖ ≤ max_norm when max_norm > 0; the embeddings are recomputed for every step.
-Defaults: K = 3 (the paper's GLUE runs use 2–3); the repository publishes per-task values only (its launch
-scripts use α 4e-2–2e-1, init_mag 8e-2–1, max_norm 0–0.7), so α = 0.1, init_mag = 0.1 and max_norm = 0
-(unbounded) are mid-range choices of ours. Like the reference (which reuses its dropout masks), every step
-draws the same dropout masks: the default generators are restored before each pass.
+1e-8), then rescaled to ‖δ‖ ≤ max_norm when max_norm > 0; the embeddings are recomputed for every step. Like
+the reference (which reuses its dropout masks), every step draws the same dropout masks: the default
+generators are restored before each pass.
+
+Defaults: the repository publishes per-task values only. Its Hugging Face launch script
+(huggingface-transformers/launch/run_glue.sh, ALBERT-xxlarge-v2) sets (α = adv-lr, init_mag = adv-init-mag,
+max_norm = adv-max-norm, K = adv-steps): SST-2 0.1, 0.6, 0, 2; MRPC 0.03, 0, 0, 4; CoLA 0.04, 0.05, 0, 3;
+STS-B 0.1, 0.2, 0, 3; MNLI 0.04, 0.08, 0, 3; QQP 0.2, 0.32, 0.7, 3; RTE 0.1, 0, 0, 3; QNLI 0.05, 0.1, 0, 3.
+Ours are RTE's — the smallest of these classification tasks (2.5k examples), and each value the most common
+one in its column: α = 0.1, init_mag = 0 (δ₀ = 0), max_norm = 0 (unbounded), K = 3. Its RoBERTa-large
+scripts (fairseq-RoBERTa/launch/FreeLB/*.sh, whose --adv-steps counts the steps after the first pass, so
+K = adv-steps + 1) use α 0.025–0.2, init_mag 0.1–1, max_norm 0.15–0.7, K 3–4; their active RTE lines are
+plain fine-tuning (all 0).
+
+Ours: δ stays 0 at padding in every step (the reference masks δ₀ only; its gradient there is 0 where the
+attention mask hides padding), and a non-finite ascent gradient is set to 0 (under fp16 the reference's δ
+would take the overflow).
 
 FreeLB is the one method with its own training step (K backward passes per batch): LNSRTrainer runs it, or
 call `handle.training_step(batch, backward)`; a plain training forward of the model refuses to run.
@@ -99,7 +111,7 @@ class FreeLBConfig(MethodConfig):
     method = FreeLB
     steps: int = hyperparameter("ascent steps K (1 with init_mag 0 is plain fine-tuning)", 3)
     step_size: float = hyperparameter("ascent step size α", 0.1)
-    init_mag: float = hyperparameter("scale of δ₀ (0: start at δ₀ = 0)", 0.1)
+    init_mag: float = hyperparameter("scale of δ₀ (0: start at δ₀ = 0)", 0.0)
     max_norm: float = hyperparameter("bound on each example's ‖δ‖ (0: none)", 0.0)
 
     def __post_init__(self):

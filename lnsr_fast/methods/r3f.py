@@ -5,9 +5,13 @@ Source: Aghajanyan et al., "Better Fine-Tuning by Reducing Representational Coll
 reference code: github.com/facebookresearch/fairseq, examples/rxf (criterion `sentence_prediction_r3f`).
 Defaults are that code's: noise U(−ε, ε) (`--noise-type uniform`; "normal" draws N(0, ε²)) with ε = 1e-5,
 λ = 1 (`--r3f-lambda`); the symmetric KL is summed over classes and averaged over the batch, in fp32. As there,
-each copy draws its own dropout masks. Ours: both copies run as one doubled pass where the labels allow (the
-noisy copy carries the ignored label), padding gets no noise, and a regression head takes the MSE of the two
-outputs (R3F defines only the KL).
+the noise goes on the word embeddings (fairseq's `embed_tokens` output, before positions and the embedding
+LayerNorm), each copy draws its own dropout masks, and the noisy copy's word embeddings are a constant
+(`token_embeddings.detach().clone() + noise`): the symmetric KL reaches the embedding weights through the clean
+copy only, and the rest of the model through both; `detach_noisy=False` lets it through the noisy copy too.
+Ours: both copies run as one doubled pass where the labels allow (the noisy copy carries the ignored label),
+padding gets no noise (fairseq's reaches padding too, which the attention mask hides), and a regression head
+takes the MSE of the two outputs (R3F defines only the KL).
 """
 from __future__ import annotations
 
@@ -43,7 +47,7 @@ class R3F(Method):
         return mse(noisy, clean) if self.regression else symmetric_kl(clean, noisy, attention_mask)
 
     def forward(self, call: Call):
-        copies = call.clean_and_noisy(self.sample_noise, pair=False)
+        copies = call.clean_and_noisy(self.sample_noise, pair=False, detach_noisy=self.config.detach_noisy)
         if copies.noisy is None:
             clean_logits, noisy_logits = copies.out["logits"].chunk(2)
         else:
@@ -60,8 +64,12 @@ class R3FConfig(MethodConfig):
     weight: float = hyperparameter("λ, the weight of the symmetric KL", 1.0)
     eps: float = hyperparameter("half-width of the uniform noise, or the standard deviation of the normal one", 1e-5)
     noise: str = hyperparameter("'uniform' or 'normal'", "uniform")
+    detach_noisy: bool = hyperparameter("the noisy copy's word embeddings are a constant, as fairseq's (False: the "
+                                        "penalty's gradient reaches the embedding weights through both copies)", True)
 
     def __post_init__(self):
         self.weight = check_real("R3FConfig.weight", self.weight)
         self.eps = check_real("R3FConfig.eps", self.eps, open_minimum=True)
         check_choice("R3FConfig.noise", self.noise, NOISE_TYPES)
+        if not isinstance(self.detach_noisy, bool):
+            raise TypeError(f"R3FConfig.detach_noisy must be a bool, got {self.detach_noisy!r}")
