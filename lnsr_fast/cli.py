@@ -72,7 +72,7 @@ def _experiment_values(args) -> dict:
         methods=args.methods, seeds=args.seeds, selection_seeds=args.selection_seeds,
         grid=parse_assignments(args.grid, args.methods, "--grid", many=True),
         fixed=parse_assignments(args.method_arg, args.methods, "--method-arg", many=False),
-        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup, max_length=args.max_length,
+        chosen_from=args.chosen_from, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup, max_length=args.max_length,
         profile_size=args.profile_size, profile_ratio=args.profile_ratio, output=args.output,
         progress=not args.no_progress)
 
@@ -213,6 +213,9 @@ def _add_experiment_options(p, d: ExperimentConfig) -> None:
     g.add_argument("--method-arg", action="append", default=None, metavar="[METHOD:]KEY=VALUE",
                    help="a fixed hyperparameter, e.g. lnsr_in_manifold:k=5 (defaults: lnsr_fast.methods.defaults"
                         + (f"; this preset's: {fixed}" if fixed else "") + ")")
+    g.add_argument("--chosen-from", default=None, metavar="FOLDER",
+                   help="train every method at the point chosen by the finished experiment in FOLDER (its "
+                        "metrics.json; --method-arg values override it; no --grid): e.g. on another --data-seed")
     g.add_argument("--profile-size", type=int, default=d.profile_size,
                    help="validation examples on which every model's noise propagation is measured (0: none)")
     g.add_argument("--profile-ratio", type=_ratio, default=d.profile_ratio,

@@ -341,6 +341,22 @@ def test_cli_experiment_end_to_end(tiny_model, tmp_path, capsys):
     code = cli.main(["experiment", "--data", csv_file, "--model", tiny_model, "--text-column", "sentence",
                      "--label-column", "sentiment", "--grid", "k=3", "--methods", "ft", "lnsr"])
     assert code == 2 and "'k' is not a hyperparameter" in capsys.readouterr().err
+    # the chosen points, confirmed on another split: no grid, --method-arg over the chosen values
+    chosen = json.loads((out_dir / "metrics.json").read_text())["methods"]["lnsr_in_manifold"]["chosen"]
+    common = ["experiment", "--data", csv_file, "--model", tiny_model, "--text-column", "sentence", "--label-column",
+              "sentiment", "--train-size", "all", "--val-size", "8", "--test-size", "8", "--methods", "ft",
+              "lnsr_in_manifold", "--seeds", "1", "--data-seed", "1", "--epochs", "1", "--batch-size", "8",
+              "--max-length", "16", "--profile-size", "0", "--chosen-from", str(out_dir), "--no-progress"]
+    code = cli.main([*common, "--method-arg", "lnsr_in_manifold:ratio=0.07", "--output", str(tmp_path / "split1")])
+    assert code == 0, capsys.readouterr().err
+    runs = [json.loads(line) for line in (tmp_path / "split1" / "runs.jsonl").read_text().splitlines()]
+    assert [r["method"] for r in runs] == ["ft", "lnsr_in_manifold"] and runs[0]["settings"]["data_seed"] == 1
+    assert runs[1]["hparams"] == {**chosen, "ratio": 0.07}
+    for extra, message in ((["--grid", "lnsr_in_manifold:weight=1,2"], "give no grid"),
+                           (["--chosen-from", str(tmp_path)], "does not exist")):
+        capsys.readouterr()
+        assert cli.main([*common, *extra, "--output", str(tmp_path / "bad")]) == 2
+        assert message in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------ the record cannot lie

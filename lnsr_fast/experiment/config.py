@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 from dataclasses import dataclass, field
 
 from ..checks import check_int, check_real
@@ -88,6 +89,22 @@ def parse_assignments(items, methods, option: str, many: bool) -> dict[str, dict
     return {m: hp for m, hp in out.items() if hp}
 
 
+def _chosen(folder: str, methods: list[str]) -> dict[str, dict]:
+    """{method: its chosen hyperparameters} from the metrics.json of the experiment in `folder`."""
+    path = os.path.join(folder, "metrics.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            chosen = {m: v["chosen"] for m, v in json.load(f)["methods"].items()}
+    except FileNotFoundError:
+        raise ValueError(f"chosen_from: {path} does not exist; give the output folder of a finished experiment") from None
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"chosen_from: {path} is not an experiment's metrics.json ({e})") from None
+    missing = [m for m in methods if m not in chosen]
+    if missing:
+        raise ValueError(f"chosen_from: {path} has no chosen point for {missing} (it has {sorted(chosen)})")
+    return {m: chosen[m] for m in methods}
+
+
 @dataclass
 class ExperimentConfig:
     """What `run_experiment` runs.
@@ -99,7 +116,9 @@ class ExperimentConfig:
     its size and data_seed); train_size None takes every remaining example. methods: names from
     lnsr_fast.methods.METHODS ("ft", when included, is the baseline of the p-values). seeds: a count (0..N-1)
     or a list. grid: {method: {hyperparameter: [values]}}; fixed: {method: {hyperparameter: value}}.
-    selection_seeds: seeds per grid point in the selection (None: all). profile_size: validation examples of
+    selection_seeds: seeds per grid point in the selection (None: all). chosen_from: the output folder of
+    a finished experiment: each method trains at the point chosen there (its metrics.json), under `fixed`'s
+    values, without a grid — to confirm a choice on another data split, or to vary one setting of it. profile_size: validation examples of
     the noise-propagation profile of every model (0: none), with Gaussian noise of ratio profile_ratio at the
     embeddings. Hyperparameter values are checked by building every method before the first run trains.
     """
@@ -119,6 +138,7 @@ class ExperimentConfig:
     selection_seeds: int | None = 3
     grid: dict = field(default_factory=dict)
     fixed: dict = field(default_factory=dict)
+    chosen_from: str | None = None
     epochs: int = 5
     batch_size: int = 16
     lr: float = 2e-4
@@ -149,6 +169,10 @@ class ExperimentConfig:
                 if unknown:
                     raise ValueError(f"{name}[{m!r}] has {unknown}, not hyperparameters of {m!r} "
                                      f"(those are {sorted(method_defaults(m))})")
+        if self.chosen_from is not None:
+            self.fixed = {m: {**chosen, **self.fixed.get(m, {})} for m, chosen in _chosen(self.chosen_from, self.methods).items()}
+            if self.grid:
+                raise ValueError(f"chosen_from ({self.chosen_from!r}) fixes every method's point: give no grid")
         if self.selection_seeds is not None:
             check_int("selection_seeds", self.selection_seeds, 1)
         for name in ("val_size", "test_size", "epochs", "batch_size", "max_length"):
