@@ -1,4 +1,4 @@
-"""Noise samplers: ε for the noisy half of the LNSR pass (DESIGN.md §1–§3).
+"""Noise samplers: ε for the noisy half of the LNSR pass (docs/design.md §1–§2).
 
 Both samplers are called as `noise(input_ids, inputs_embeds, attention_mask=None)` and return ε with
 the shape, dtype and device of `inputs_embeds`: ‖ε_t‖ = ratio·‖x_t‖ for every real token, 0 at padding.

@@ -13,7 +13,8 @@ REDUCTIONS = ("sum", "mean", "sequence")
 
 
 def resolve_weights(weights, n_layers: int, name: str = "weights") -> list[float]:
-    """A float, or one weight per layer, as a list of n_layers finite floats."""
+    """A float, or one weight per layer, as a list of n_layers finite floats ≥ 0 (a negative λ would reward the
+    noise for moving the layers)."""
     if is_real(weights):
         weights = [float(weights)] * n_layers
     elif isinstance(weights, (list, tuple)) or (isinstance(weights, torch.Tensor) and weights.dim() == 1):
@@ -22,8 +23,8 @@ def resolve_weights(weights, n_layers: int, name: str = "weights") -> list[float
             raise ValueError(f"{name} has {len(weights)} entries but there are {n_layers} layers")
     else:
         raise TypeError(f"{name} must be a float or a sequence of floats, got {type(weights).__name__}")
-    if not all(math.isfinite(w) for w in weights):
-        raise ValueError(f"{name} must be finite, got {weights}")
+    if not all(math.isfinite(w) and w >= 0 for w in weights):
+        raise ValueError(f"{name} must be finite and >= 0, got {weights}")
     return weights
 
 

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lnsr_fast.kernels import reference
-from lnsr_fast.stability import layerwise_stability
+from lnsr_fast.stability import layerwise_stability, layerwise_stability_concat
 
 
 def direct(clean, noisy, mask, weights, reduction):
@@ -155,6 +155,15 @@ def test_weight_forms_agree():
     zero = layerwise_stability(clean, noisy, mask, [0.0, 1.0, 0.0])
     only_middle = layerwise_stability(clean[1:2], noisy[1:2], mask, 1.0)
     assert math.isclose(zero.item(), only_middle.item(), rel_tol=1e-12)
+
+
+@pytest.mark.parametrize("weights", [-1.0, [0.5, -0.1], float("nan"), [1.0, float("inf")]])
+def test_negative_or_non_finite_weights_are_refused(weights):
+    clean, noisy = rand_layers(2, (2, 3, 4), seed=8)
+    with pytest.raises(ValueError, match="weights must be finite and >= 0"):
+        layerwise_stability(clean, noisy, None, weights)
+    with pytest.raises(ValueError, match="weights must be finite and >= 0"):
+        layerwise_stability_concat([torch.cat([clean[0], noisy[0]])] * 2, 2, None, weights)
 
 
 def test_bool_and_float_masks_agree():
