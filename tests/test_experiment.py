@@ -514,3 +514,34 @@ def test_splits_that_the_data_cannot_fill_are_errors_before_training(study, fake
     with pytest.raises(ValueError, match="40 labelled examples: not enough for train_size 30, val_size 8 and test_size 8"):
         run_experiment(study(train_size=30), log=lambda s: None)
     assert fake_training == []
+
+
+# ------------------------------------------------------------------------------------------------- report
+def test_report_pools_the_splits_of_a_study(study, fake_training, tmp_path, capsys):
+    """Split 0 chooses, split 1 (another data seed) trains the chosen points: the report pools both per corpus,
+    pairs runs by (data seed, seed), and draws accuracy against λ with the paper's range in λ's units."""
+    split0 = study(output=tmp_path / "split0")
+    run_experiment(split0, log=lambda s: None)
+    split1 = study(output=tmp_path / "split1", grid={}, data_seed=1, chosen_from=split0.output)
+    run_experiment(split1, log=lambda s: None)
+    data = json.load(open(os.path.join(split0.output, "metrics.json")))["data"]
+    assert data["mean_real_tokens"] > 1 and data["hidden_size"] == 32
+    out = tmp_path / "report"
+    assert cli.main(["report", split0.output, split1.output, "--output", str(out)]) == 0
+    rows = {r["method"]: r for r in running.report([split0.output, split1.output], str(out), log=lambda s: None)}
+    assert set(rows) == {"ft", "lnsr"} and rows["lnsr"]["runs"] == 6 and rows["lnsr"]["splits"] == 2
+    chosen = json.load(open(os.path.join(split0.output, "metrics.json")))["methods"]["lnsr"]["chosen"]
+    assert json.loads(rows["lnsr"]["hparams"]) == chosen
+    runs = [json.loads(line) for folder in (split0.output, split1.output)
+            for line in open(os.path.join(folder, "runs.jsonl")).read().splitlines()]
+    acc = lambda m: {(r["settings"]["data_seed"], r["seed"]): r["test_accuracy"] for r in runs
+                     if r["method"] == m and r["hparams"] == (chosen if m == "lnsr" else {})}
+    assert len(acc("lnsr")) == 6
+    want = exp_stats.paired_interval(acc("lnsr"), acc("ft"))
+    assert rows["lnsr"]["diff_vs_ft_mean"] == pytest.approx(want[0], nan_ok=True)
+    for name in ("report.md", "report.csv", "boxplot_d.csv.png", "lambda.png"):
+        assert (out / name).exists(), name
+    assert "| d.csv | lnsr |" in (out / "report.md").read_text()
+    capsys.readouterr()
+    assert cli.main(["report", str(tmp_path / "nowhere"), "--output", str(out)]) == 2
+    assert "holds no finished experiment" in capsys.readouterr().err

@@ -10,12 +10,12 @@ the same settings skips the runs already there, so a killed experiment resumes w
                                     grid={"lnsr": {"weight": [0.05, 0.2]}}, output="exp"))
 
 One home each: `config` (what runs: the settings, the grid and its `[METHOD:]KEY=VALUE` options, the demo
-preset, hyperparameter resolution), `running` (training and the
-commands), `recording` (the output folder and runs.jsonl; the report files), `statistics` (selection and
+preset, hyperparameter resolution), `running` (training, the commands, and `report` over several
+experiments), `recording` (the output folder and runs.jsonl; the report files), `statistics` (selection and
 summaries), `plotting` (figures).
 """
 from .config import DEMO, QUICK, ExperimentConfig, demo_config, parse_assignments, parse_value, resolve
-from .running import finetune, profile, run_experiment
+from .running import finetune, profile, report, run_experiment
 
 __all__ = ["DEMO", "QUICK", "ExperimentConfig", "demo_config", "finetune", "parse_assignments", "parse_value", "profile",
-           "resolve", "run_experiment"]
+           "report", "resolve", "run_experiment"]

@@ -210,3 +210,30 @@ def write_reports(folder: str, *, title: str, description: str, summary: list[di
     write_text(os.path.join(folder, "summary.md"), text)
     write_rows(os.path.join(folder, "summary.csv"), summary)
     write_json(os.path.join(folder, "metrics.json"), metrics)
+
+
+def read_experiment(folder: str) -> dict:
+    """The output folder of a finished experiment, read without taking it (an experiment may be running in it):
+    {"corpus", "data_seed", "settings", "data", "chosen", "records"} from its metrics.json and runs.jsonl. A last
+    line still being written is left out; a run recorded twice counts once; any other line that is no record
+    is a ValueError naming the file and the line."""
+    metrics_path, runs_path = os.path.join(folder, "metrics.json"), os.path.join(folder, RUNS_FILE)
+    try:
+        with open(metrics_path, encoding="utf-8") as f:
+            metrics = json.load(f)
+        with open(runs_path, "rb") as f:
+            lines = f.read().split(b"\n")[:-1]   # what follows the last newline is still being written
+    except FileNotFoundError as e:
+        raise ValueError(f"{e.filename} does not exist: {folder!r} holds no finished experiment") from None
+    records = {}
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line) if line.strip() else None
+            if record is not None:
+                records.setdefault(run_key(record["method"], record["resolved"], record["seed"]), record)
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{runs_path!r} line {number} is no run record ({e})") from None
+    settings = metrics["settings"]
+    return {"corpus": metrics["data"]["corpus"], "data_seed": settings["data_seed"], "settings": settings,
+            "data": metrics["data"], "chosen": {m: v["chosen"] for m, v in metrics["methods"].items()},
+            "records": list(records.values())}

