@@ -72,9 +72,9 @@ def _experiment_values(args) -> dict:
         methods=args.methods, seeds=args.seeds, selection_seeds=args.selection_seeds,
         grid=parse_assignments(args.grid, args.methods, "--grid", many=True),
         fixed=parse_assignments(args.method_arg, args.methods, "--method-arg", many=False),
-        chosen_from=args.chosen_from, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup, max_length=args.max_length,
-        profile_size=args.profile_size, profile_ratio=args.profile_ratio, output=args.output,
-        progress=not args.no_progress)
+        chosen_from=args.chosen_from, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
+        max_length=args.max_length, profile_size=args.profile_size, profile_ratio=args.profile_ratio,
+        output=args.output, progress=not args.no_progress)
 
 
 def _experiment(args) -> int:

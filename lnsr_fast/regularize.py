@@ -516,7 +516,7 @@ def _field_names(output) -> set[str]:
     return {f.name for f in dataclasses.fields(output)} if dataclasses.is_dataclass(output) else set()
 
 
-def _rows(value, half: int, total: int | None):
+def _rows(value, half: int, total: int):
     """The first `half` rows of every batched tensor (`total` rows) of an output, recursively."""
     if isinstance(value, torch.Tensor):
         return value[:half] if value.dim() and value.shape[0] == total else value

@@ -77,7 +77,8 @@ def layerwise_stability(clean_hidden: Sequence[torch.Tensor], noisy_hidden: Sequ
     of the noisy pass). reduction, per layer: "sum", the mean over real tokens of ‖h_t − h̃_t‖²; "mean", that
     divided by d (the mean over the real tokens' elements); "sequence", the sum over each sequence's real tokens
     averaged over the sequences (eq. 11 read literally: ‖f_r(x̃) − f_r(x)‖² of a sequence's whole layer output;
-    docs/design.md §2 converts λ between them). weights: one λ for all layers or one per layer. backend: "auto" | "cuda" | "triton" | "torch" (see lnsr_fast.kernels).
+    docs/design.md §2 converts λ between them). weights: one λ for all layers or one per layer. backend:
+    "auto" | "cuda" | "triton" | "torch" (see lnsr_fast.kernels).
     Returns a differentiable 0-dim fp32 tensor (float64 for float64 inputs), 0 when no token is real;
     gradients (first and second) reach only the inputs that require them. For the halves of one
     concat-mode batch, `layerwise_stability_concat` writes one gradient per layer instead of two.
@@ -133,6 +134,7 @@ def layerwise_stability_concat(hidden: Sequence[torch.Tensor], pairs: int, atten
         raise TypeError(f"detach_clean must be a bool, got {detach_clean!r}")
     tokens = torch.Size((pairs, *shape[1:-1]))
     real = _real_tokens(attention_mask, tokens, device)
-    penalty = ops.layerwise_stability_concat(hidden, pairs, real, weights, "sum" if reduction == "sequence" else reduction,
-                                             detach_clean, _backend(backend, hidden))
+    kernel_reduction = "sum" if reduction == "sequence" else reduction
+    penalty = ops.layerwise_stability_concat(hidden, pairs, real, weights, kernel_reduction, detach_clean,
+                                             _backend(backend, hidden))
     return _per_sequence(penalty, real, tokens) if reduction == "sequence" else penalty

@@ -1,6 +1,7 @@
 """Running experiments (docs/design.md §7): the training harness (`train_one`, the one place that drives
 LNSRTrainer) and the commands built on it: `run_experiment` (methods × seeds × a grid; the demo is its preset),
-`finetune` (one run on any model and file) and `profile` (noise propagation and noise spectra of models).
+`finetune` (one run on any model and file), `profile` (noise propagation and noise spectra of models) and
+`report` (finished experiments pooled, e.g. a study's data splits).
 
 Protocol of `run_experiment`, per method: every grid point is trained with the first `selection_seeds` seeds
 and scored by its mean **validation** accuracy; the best point (the first on a tie) is then trained with every

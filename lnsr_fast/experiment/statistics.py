@@ -140,6 +140,11 @@ def _number(value, fmt: str = ".2f", scale: float = 1.0, unit: str = "") -> str:
     return "n/a" if value is None or math.isnan(value) else format(scale * value, fmt) + unit
 
 
+def _share(value) -> str:
+    """The penalty's share of the loss, in %."""
+    return _number(value, ".1f", 100, "%")
+
+
 def _signed(value) -> str:
     """A difference of accuracies in points, with its sign."""
     return "n/a" if value is None or math.isnan(value) else f"{100 * value:+.2f}"
@@ -163,7 +168,7 @@ def markdown_summary(rows: list[dict], split: str = "test") -> str:
             f"| {_number(s['p_value_vs_ft'], '.3g')} | {_number(s['paired_p_value_vs_ft'], '.3g')} "
             f"| {_signed(s['diff_vs_ft_mean'])} [{_signed(s['diff_vs_ft_low'])}, {_signed(s['diff_vs_ft_high'])}] "
             f"| {_number(s['paired_p_value_vs_ft_holm'], '.3g')} "
-            f"| {_number(s['penalty_share_start_mean'], '.1f', 100, '%')} → {_number(s['penalty_share_end_mean'], '.1f', 100, '%')} "
+            f"| {_share(s['penalty_share_start_mean'])} → {_share(s['penalty_share_end_mean'])} "
             f"| {_number(s['step_time_ms_median'], '.0f')} | {_number(s['step_time_vs_ft'], unit='×')} |")
     return "\n".join(lines)
 
@@ -221,7 +226,8 @@ def pooled_summary(experiments: list[dict], baseline: str = "ft", split: str = "
         rows.append({
             "corpus": g["corpus"], "method": g["method"], "hparams": json.dumps(g["point"], sort_keys=True),
             "runs": len(runs), "splits": len({k[0] for k in runs}),
-            f"{split}_accuracy_mean": statistics.fmean(acc), f"{split}_accuracy_std": statistics.stdev(acc) if len(acc) > 1 else math.nan,
+            f"{split}_accuracy_mean": statistics.fmean(acc),
+            f"{split}_accuracy_std": statistics.stdev(acc) if len(acc) > 1 else math.nan,
             "gap_mean": statistics.fmean(r["train_accuracy"] - r[f"{split}_accuracy"] for r in runs.values()),
             **{f"penalty_share_{end}_mean": _mean_of(r.get(f"penalty_share_{end}") for r in runs.values())
                for end in ("start", "end")},
@@ -237,7 +243,6 @@ def pooled_summary(experiments: list[dict], baseline: str = "ft", split: str = "
 def markdown_pooled(rows: list[dict], split: str = "test") -> str:
     """The pooled rows as a markdown table (accuracies in %, differences in points)."""
     pct = lambda v: _number(v, scale=100)
-    share = lambda v: _number(v, ".1f", 100, "%")
     head = (f"| corpus | method | hyperparameters | runs (splits) | {split} acc mean ± std | Δ vs FT, paired (95% CI) "
             "| paired p | paired p, Holm | gap (train − test) | penalty share start → end | noise at the last layer |")
     lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
@@ -247,7 +252,7 @@ def markdown_pooled(rows: list[dict], split: str = "test") -> str:
             f"| {pct(s[f'{split}_accuracy_mean'])} ± {pct(s[f'{split}_accuracy_std'])} "
             f"| {_signed(s['diff_vs_ft_mean'])} [{_signed(s['diff_vs_ft_low'])}, {_signed(s['diff_vs_ft_high'])}] "
             f"| {_number(s['paired_p_value_vs_ft'], '.3g')} | {_number(s['paired_p_value_vs_ft_holm'], '.3g')} "
-            f"| {pct(s['gap_mean'])} | {share(s['penalty_share_start_mean'])} → {share(s['penalty_share_end_mean'])} "
+            f"| {pct(s['gap_mean'])} | {_share(s['penalty_share_start_mean'])} → {_share(s['penalty_share_end_mean'])} "
             f"| {_number(s['noise_at_last_layer_mean'], '.3g')} |")
     return "\n".join(lines)
 
