@@ -113,7 +113,7 @@ class LNSRConfig(NoiseConfig):
     λ_p in 0.2–1.0 there) is, read literally (the squared norm of a sequence's whole layer output),
     reduction="sequence" with λ = λ_p, or "sum" with λ = λ_p·T̄; read as an element-wise mean (as many
     implementations do), it is "mean" with λ = λ_p, or "sum" with λ = λ_p / d. The penalty's share of the loss
-    (`handle.last`) is what carries over between models and data; docs/design.md §2 has the measured values.
+    (`handle.last`) is the candidate for what carries over between models and data (docs/design.md §2).
 
     >>> LNSRConfig(noise="gaussian", weight=0.5)
     >>> LNSRConfig(noise="in_manifold", k=10, ratio=0.1, layers=[4, 5, 6])

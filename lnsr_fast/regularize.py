@@ -555,7 +555,7 @@ def apply(model: nn.Module, config=None, **overrides) -> Handle:
     λ (`weight`) is per chosen layer, in the units of `reduction`: with the default "sum", λ times the mean over
     real tokens of ‖h(x+ε) − h(x)‖²; the paper's λ_p is λ = λ_p·T̄ (T̄ real tokens per sequence) read literally,
     λ_p / d read as an element-wise mean, and `reduction="sequence"` takes λ_p as it is (LNSRConfig has the
-    table). The penalty's share of the loss in `handle.last` is the quantity that carries over between models.
+    table). The penalty's share of the loss in `handle.last` is the candidate for what carries over between models.
 
     Apply it to the model you train (a PEFT model, not the model inside it), before wrapping it in DDP, FSDP
     or torch.compile. ValueError if a method is already applied.
