@@ -77,6 +77,21 @@ def holm(p_values: list[float]) -> list[float]:
     return adjusted
 
 
+def versus_baseline(a: dict, b: dict | None) -> dict:
+    """The paired comparison of the accuracies `a` against the baseline's `b` ({pair key: accuracy}; b None: no
+    comparison, NaNs): the mean difference with its 95% t-interval and the paired p-value."""
+    mean, low, high = paired_interval(a, b) if b is not None else (math.nan,) * 3
+    p = paired_p_value(a, b) if b is not None else math.nan
+    return {"diff_vs_ft_mean": mean, "diff_vs_ft_low": low, "diff_vs_ft_high": high, "paired_p_value_vs_ft": p}
+
+
+def _with_holm(rows: list[dict]) -> list[dict]:
+    """The rows with their paired p-values Holm-adjusted over all of them."""
+    for row, p in zip(rows, holm([r["paired_p_value_vs_ft"] for r in rows])):
+        row["paired_p_value_vs_ft_holm"] = p
+    return rows
+
+
 def _median(values) -> float:
     # Step times are NaN for a run with no step after its warm-up.
     values = [v for v in values if not math.isnan(v)]
@@ -120,15 +135,11 @@ def summarize(records: list[dict], chosen: dict[str, dict], split: str = "test",
             "train_accuracy_mean": statistics.fmean(r["train_accuracy"] for r in rs),
             "gap_mean": statistics.fmean(r["train_accuracy"] - r[f"{split}_accuracy"] for r in rs),
             "p_value_vs_ft": welch_p_value(acc, [r[f"{split}_accuracy"] for r in base]) if compared else math.nan,
-            "paired_p_value_vs_ft": paired_p_value(by_seed(rs), by_seed(base)) if compared else math.nan,
-            **dict(zip(("diff_vs_ft_mean", "diff_vs_ft_low", "diff_vs_ft_high"),
-                       paired_interval(by_seed(rs), by_seed(base)) if compared else (math.nan,) * 3)),
+            **versus_baseline(by_seed(rs), by_seed(base) if compared else None),
             "step_time_ms_median": step, "step_time_vs_ft": step / base_step,
             **{f"penalty_share_{end}_mean": _mean_of(r.get(f"penalty_share_{end}") for r in rs) for end in ("start", "end")},
         })
-    for row, p in zip(rows, holm([r["paired_p_value_vs_ft"] for r in rows])):
-        row["paired_p_value_vs_ft_holm"] = p
-    return rows
+    return _with_holm(rows)
 
 
 def point_label(hparams_json: str) -> str:
@@ -145,9 +156,10 @@ def _share(value) -> str:
     return _number(value, ".1f", 100, "%")
 
 
-def _signed(value) -> str:
-    """A difference of accuracies in points, with its sign."""
-    return "n/a" if value is None or math.isnan(value) else f"{100 * value:+.2f}"
+def _difference(row: dict) -> str:
+    """The paired difference to FT in points, with its sign, and its 95% interval."""
+    signed = lambda v: "n/a" if v is None or math.isnan(v) else f"{100 * v:+.2f}"
+    return f"{signed(row['diff_vs_ft_mean'])} [{signed(row['diff_vs_ft_low'])}, {signed(row['diff_vs_ft_high'])}]"
 
 
 def markdown_summary(rows: list[dict], split: str = "test") -> str:
@@ -166,8 +178,7 @@ def markdown_summary(rows: list[dict], split: str = "test") -> str:
             f"| {pct(s[f'{split}_macro_f1_mean'])} ± {pct(s[f'{split}_macro_f1_std'])} "
             f"| {pct(s['val_accuracy_mean'])} | {pct(s['train_accuracy_mean'])} | {pct(s['gap_mean'])} "
             f"| {_number(s['p_value_vs_ft'], '.3g')} | {_number(s['paired_p_value_vs_ft'], '.3g')} "
-            f"| {_signed(s['diff_vs_ft_mean'])} [{_signed(s['diff_vs_ft_low'])}, {_signed(s['diff_vs_ft_high'])}] "
-            f"| {_number(s['paired_p_value_vs_ft_holm'], '.3g')} "
+            f"| {_difference(s)} | {_number(s['paired_p_value_vs_ft_holm'], '.3g')} "
             f"| {_share(s['penalty_share_start_mean'])} → {_share(s['penalty_share_end_mean'])} "
             f"| {_number(s['step_time_ms_median'], '.0f')} | {_number(s['step_time_vs_ft'], unit='×')} |")
     return "\n".join(lines)
@@ -221,7 +232,6 @@ def pooled_summary(experiments: list[dict], baseline: str = "ft", split: str = "
         acc = list(accuracy(runs).values())
         base = [b["runs"] for b in groups.values() if b["corpus"] == g["corpus"] and b["method"] == baseline]
         compared = g["method"] != baseline and bool(base)
-        diff = paired_interval(accuracy(runs), accuracy(base[0])) if compared else (math.nan,) * 3
         deepest = lambda r: r["profile"][max(r["profile"], key=int)] if r.get("profile") else None
         rows.append({
             "corpus": g["corpus"], "method": g["method"], "hparams": json.dumps(g["point"], sort_keys=True),
@@ -232,12 +242,9 @@ def pooled_summary(experiments: list[dict], baseline: str = "ft", split: str = "
             **{f"penalty_share_{end}_mean": _mean_of(r.get(f"penalty_share_{end}") for r in runs.values())
                for end in ("start", "end")},
             "noise_at_last_layer_mean": _mean_of(deepest(r) for r in runs.values()),
-            "diff_vs_ft_mean": diff[0], "diff_vs_ft_low": diff[1], "diff_vs_ft_high": diff[2],
-            "paired_p_value_vs_ft": paired_p_value(accuracy(runs), accuracy(base[0])) if compared else math.nan,
+            **versus_baseline(accuracy(runs), accuracy(base[0]) if compared else None),
         })
-    for row, p in zip(rows, holm([r["paired_p_value_vs_ft"] for r in rows])):
-        row["paired_p_value_vs_ft_holm"] = p
-    return rows
+    return _with_holm(rows)
 
 
 def markdown_pooled(rows: list[dict], split: str = "test") -> str:
@@ -250,8 +257,8 @@ def markdown_pooled(rows: list[dict], split: str = "test") -> str:
         lines.append(
             f"| {s['corpus']} | {s['method']} | {point_label(s['hparams'])} | {s['runs']} ({s['splits']}) "
             f"| {pct(s[f'{split}_accuracy_mean'])} ± {pct(s[f'{split}_accuracy_std'])} "
-            f"| {_signed(s['diff_vs_ft_mean'])} [{_signed(s['diff_vs_ft_low'])}, {_signed(s['diff_vs_ft_high'])}] "
-            f"| {_number(s['paired_p_value_vs_ft'], '.3g')} | {_number(s['paired_p_value_vs_ft_holm'], '.3g')} "
+            f"| {_difference(s)} | {_number(s['paired_p_value_vs_ft'], '.3g')} "
+            f"| {_number(s['paired_p_value_vs_ft_holm'], '.3g')} "
             f"| {pct(s['gap_mean'])} | {_share(s['penalty_share_start_mean'])} → {_share(s['penalty_share_end_mean'])} "
             f"| {_number(s['noise_at_last_layer_mean'], '.3g')} |")
     return "\n".join(lines)
