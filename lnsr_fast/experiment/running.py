@@ -50,16 +50,16 @@ class Progress:
         self.bar = tqdm(total=total, unit="step", desc="training", disable=disable, dynamic_ncols=True)
 
     def callback(self, description: str):
-        """A TrainerCallback that advances the bar and keeps, per optimizer step, its wall time in `times` and
-        the penalty's share of the loss of its last forward in `shares` (penalty / (task loss + penalty), from
-        the handle's `last`; none for a method without a penalty)."""
+        """A TrainerCallback that advances the bar and keeps, per optimizer step, its wall time in `times` and the
+        (task loss, penalty) of its last forward in `losses` (the handle's `last`, kept on the device so that the
+        step is not synchronised; none for a method without a penalty). `shares()` reads them as penalty / loss."""
         from transformers import TrainerCallback
         bar = self.bar
 
         class _StepTimer(TrainerCallback):
             def __init__(self):
                 self.times: list[float] = []
-                self.shares: list[float] = []
+                self.losses: list[tuple[torch.Tensor, torch.Tensor]] = []
                 self._start = None
 
             def on_train_begin(self, args, state, control, **kwargs):
@@ -73,9 +73,14 @@ class Progress:
                     self.times.append(time.perf_counter() - self._start)
                 handle = handle_of(model) if model is not None else None
                 if handle is not None and all(n in handle.last for n in handle.method.names):
-                    task, penalty = (float(handle.last[n]) for n in handle.method.names)
-                    self.shares.append(penalty / (task + penalty) if task + penalty else math.nan)
+                    self.losses.append(tuple(handle.last[n] for n in handle.method.names))
                 bar.update(1)
+
+            def shares(self) -> list[float]:
+                if not self.losses:
+                    return []
+                task, penalty = torch.stack([torch.stack([v.double() for v in pair]) for pair in self.losses]).cpu().unbind(1)
+                return (penalty / (task + penalty)).tolist()
 
         return _StepTimer()
 
@@ -145,14 +150,15 @@ def train_one(model, tokenizer, train, method: str, hparams: dict, seed: int, pr
     logs = [h for h in trainer.state.log_history if "loss" in h]
     last = logs[-1] if logs else {}
     timed = timer.times[WARMUP_STEPS:]
-    ends = min(SHARE_STEPS, len(timer.shares))
+    shares = timer.shares()
+    ends = min(SHARE_STEPS, len(shares))
     share = lambda values: statistics.fmean(values) if values else (0.0 if method == "ft" else None)
     return {
         "steps": int(result.global_step), "train_runtime_s": float(result.metrics.get("train_runtime", math.nan)),
         "step_time_ms": 1000 * statistics.median(timed) if timed else math.nan, "timed_steps": len(timed),
         "final_loss": last.get("loss"), "final_task_loss": last.get("task_loss", last.get("loss")),
         "final_penalty": last.get("lnsr_penalty", last.get("penalty", 0.0 if method == "ft" else None)),
-        "penalty_share_start": share(timer.shares[:ends]), "penalty_share_end": share(timer.shares[len(timer.shares) - ends:]),
+        "penalty_share_start": share(shares[:ends]), "penalty_share_end": share(shares[len(shares) - ends:]),
     }
 
 
