@@ -79,7 +79,8 @@ class Progress:
             def shares(self) -> list[float]:
                 if not self.losses:
                     return []
-                task, penalty = torch.stack([torch.stack([v.double() for v in pair]) for pair in self.losses]).cpu().unbind(1)
+                pairs = torch.stack([torch.stack([v.double() for v in pair]) for pair in self.losses]).cpu()
+                task, penalty = pairs.unbind(1)
                 return (penalty / (task + penalty)).tolist()
 
         return _StepTimer()
