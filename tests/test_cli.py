@@ -12,6 +12,7 @@ from transformers import BertForSequenceClassification
 
 from lnsr_fast import cli, data
 from lnsr_fast.experiment import DEMO
+from lnsr_fast.lnsr import DEFAULT_WEIGHTS
 from textdata import sentences
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -78,7 +79,7 @@ def test_demo_quick_is_the_experiment_runner_with_its_preset(tmp_path, capsys):
 def test_finetune_csv_string_labels(tiny_model, csv_file, tmp_path, capsys):
     out_dir = tmp_path / "out"
     code, out, err = run(["finetune", "--model", tiny_model, "--train", csv_file, "--text-column", "sentence",
-                          "--label-column", "sentiment", "--method", "lnsr_in_manifold", "--k", "4", "--epochs", "2",
+                          "--label-column", "sentiment", "--method", "lnsr_in_manifold", "--k", "4", "--reduction", "sequence", "--epochs", "2",
                           "--batch-size", "8", "--lr", "1e-3", "--dev-fraction", "0.25", "--output", str(out_dir),
                           "--no-progress", "--save-model"], capsys)
     assert code == 0, err
@@ -89,8 +90,9 @@ def test_finetune_csv_string_labels(tiny_model, csv_file, tmp_path, capsys):
     assert run_["method"] == "lnsr_in_manifold" and run_["steps"] == 2 * 4
     assert 0 <= run_["dev_accuracy"] <= 1 and run_["final_penalty"] > 0
     # every hyperparameter it trained with: the options given and the method's defaults ("weight": null before)
-    assert run_["resolved"]["k"] == 4 and run_["resolved"]["weight"] == 0.02 and run_["resolved"]["ratio"] == 0.1
-    assert "weight=0.02, layers=None" in (out_dir / "summary.md").read_text()
+    assert run_["resolved"]["k"] == 4 and run_["resolved"]["reduction"] == "sequence"
+    assert run_["resolved"]["weight"] == DEFAULT_WEIGHTS["in_manifold"] and run_["resolved"]["ratio"] == 0.1
+    assert f"weight={DEFAULT_WEIGHTS['in_manifold']:g}, layers=None" in (out_dir / "summary.md").read_text()
     assert "| method | hyperparameters | runs | dev acc mean ± std |" in out and len(table_rows(out)) == 1
     assert out.index("checking 1 method configuration(s)") < out.index("| method |")   # the table built first
     saved = BertForSequenceClassification.from_pretrained(out_dir / "model")

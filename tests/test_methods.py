@@ -24,7 +24,7 @@ from transformers import (BertConfig, BertForSequenceClassification, BertTokeniz
 import families
 import lnsr_fast as lf
 from lnsr_fast import LNSRTrainer, cli, experiment
-from lnsr_fast.lnsr import transformer_layers
+from lnsr_fast.lnsr import DEFAULT_WEIGHTS, transformer_layers
 from lnsr_fast.methods import METHODS, config, config_class, defaults, help_texts
 from lnsr_fast.methods.base import kl_divergence, symmetric_kl
 from lnsr_fast.methods.smart import embedding_layer
@@ -113,6 +113,18 @@ def test_registry_names_order_and_documented_defaults():
         assert {k: getattr(config(name), k) for k in defaults(name)} == defaults(name)
         assert "Source" in inspect.getmodule(cls).__doc__, name
         assert all(help_texts(name).values()) and set(help_texts(name)) == set(defaults(name)), name
+
+
+def test_lnsr_weight_defaults_per_noise():
+    # in-manifold noise at ratio 0.1 makes a ~4× larger penalty per unit of λ than Gaussian at 0.05: each its own λ
+    assert defaults("lnsr")["weight"] == DEFAULT_WEIGHTS["gaussian"] > DEFAULT_WEIGHTS["in_manifold"]
+    assert defaults("lnsr_in_manifold")["weight"] == DEFAULT_WEIGHTS["in_manifold"]
+    assert lf.LNSRConfig().weight == DEFAULT_WEIGHTS["in_manifold"]   # the default noise
+    assert lf.LNSRConfig(noise="gaussian").weight == DEFAULT_WEIGHTS["gaussian"]
+    assert lf.LNSRConfig(noise=lf.GaussianNoise()).weight == DEFAULT_WEIGHTS["gaussian"]
+    in_manifold = lf.InManifoldNoise(nn.Embedding(20, 8), k=3)
+    assert lf.LNSRConfig(noise=in_manifold).weight == DEFAULT_WEIGHTS["in_manifold"]
+    assert lf.LNSRConfig(noise="in_manifold", weight=0.5).weight == 0.5
 
 
 def test_config_rejects_unknown_methods_and_hyperparameters():

@@ -15,7 +15,7 @@ EXAMPLES = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), 
 def test_readme_api_example_runs_as_written(capsys):
     exec(compile(EXAMPLES[0], "README.md", "exec"), {})
     out = capsys.readouterr().out
-    assert re.search(r"task loss \d+\.\d+, LNSR penalty \S+, fell back to Gaussian: \d+", out), out
+    assert re.search(r"task loss \d+\.\d+, LNSR penalty \S+ \(\d+\.\d% of the loss\), fell back to Gaussian: \d+", out), out
 
 
 # The complete examples (the backends', the peer methods'); the others continue the first one.

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from ..lnsr import DEFAULT_RATIOS, LNSRConfig
+from ..lnsr import DEFAULT_RATIOS, DEFAULT_WEIGHTS, LNSRConfig
 from ..regularize import MethodConfig
 from .cwgnc import CWGNCConfig
 from .freelb import FreeLBConfig
@@ -30,11 +30,15 @@ def _noise(kind: str) -> dict:
     return {"noise": kind, "ratio": DEFAULT_RATIOS[kind]}
 
 
+def _lnsr(kind: str) -> dict:
+    return {**_noise(kind), "weight": DEFAULT_WEIGHTS[kind]}
+
+
 # name -> (config class, the defaults the name sets, the config's fields the name does not use)
 _REGISTRY = {
     "ft": (FTConfig, {}, ()),
-    "lnsr": (LNSRConfig, _noise("gaussian"), _IN_MANIFOLD_ONLY),
-    "lnsr_in_manifold": (LNSRConfig, _noise("in_manifold"), ()),
+    "lnsr": (LNSRConfig, _lnsr("gaussian"), _IN_MANIFOLD_ONLY),
+    "lnsr_in_manifold": (LNSRConfig, _lnsr("in_manifold"), ()),
     "smart": (SMARTConfig, {}, ()),
     "freelb": (FreeLBConfig, {}, ()),
     "r3f": (R3FConfig, {}, ()),
