@@ -31,7 +31,7 @@ DEFAULT_RATIOS = {"gaussian": 0.05, "in_manifold": 0.1}
 # λ per layer with reduction "sum" at those ratios, from the validation grids of docs/reproduction/study
 # (MiniLM, tweets and BBC News, 3 seeds a point): per noise, the largest grid point that cost the tweets no
 # validation accuracy beyond the seeds' spread while it helped on BBC News. Both start the penalty at 1–4% of
-# the loss there; in-manifold noise at ratio 0.1 makes a ~4× larger penalty per unit of λ (ratio² × 4).
+# the loss there; in-manifold noise at ratio 0.1 makes a ~4× larger penalty per unit of λ ((0.1 / 0.05)²).
 DEFAULT_WEIGHTS = {"gaussian": 0.03, "in_manifold": 0.01}
 
 
@@ -114,8 +114,10 @@ class LNSRConfig(NoiseConfig):
     a sequence's real tokens, averaged over the sequences. The paper's penalty λ_p·‖f_r(x̃) − f_r(x)‖² (eq. 11,
     λ_p in 0.2–1.0 there) is, read literally (the squared norm of a sequence's whole layer output),
     reduction="sequence" with λ = λ_p, or "sum" with λ = λ_p·T̄; read as an element-wise mean (as many
-    implementations do), it is "mean" with λ = λ_p, or "sum" with λ = λ_p / d. The penalty's share of the loss
-    (`handle.last`) is the candidate for what carries over between models and data (docs/design.md §2).
+    implementations do), it is "mean" with λ = λ_p, or "sum" with λ = λ_p / d. Neither carries over between
+    models and data; the penalty's share of the loss at the start of training (from `handle.last`) lined the
+    two noises up and collapsed training above the same 40% on both corpora of docs/reproduction/study, so
+    choose λ for another model by it (README, "Choosing λ for your model"; docs/design.md §2).
 
     >>> LNSRConfig(noise="gaussian", weight=0.5)
     >>> LNSRConfig(noise="in_manifold", k=10, ratio=0.1, layers=[4, 5, 6])
