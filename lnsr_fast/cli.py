@@ -358,7 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Pool the runs of finished experiments per corpus (a run is identified by its data seed and "
                     "seed; e.g. the split 0 and split 1 of a study, and its --chosen-from variants): every method "
                     "at each point an experiment chose, test accuracy mean ± sample std, the paired difference to "
-                    "ft with its 95%% interval and paired p-value, Holm-adjusted over every row; the penalty's share "
+                    "ft with its 95% interval and paired p-value, Holm-adjusted over every row; the penalty's share "
                     "of the loss; a box plot per corpus; accuracy against λ with the paper's range in λ's units. "
                     "Reads the folders without taking them (an experiment may be running in one). Writes "
                     "report.md/.csv, boxplot_CORPUS.png and lambda.png.")

@@ -545,3 +545,12 @@ def test_report_pools_the_splits_of_a_study(study, fake_training, tmp_path, caps
     capsys.readouterr()
     assert cli.main(["report", str(tmp_path / "nowhere"), "--output", str(out)]) == 2
     assert "holds no finished experiment" in capsys.readouterr().err
+
+
+def test_a_box_is_labelled_by_what_the_study_varied():
+    """λ's grid and the fraction study are axes; the ratio every run pins is not; a method with no axis has no
+    entry (its box keeps its whole point)."""
+    run = lambda m, **hp: {"method": m, "hparams": {"ratio": 0.05, **hp} if m == "lnsr" else hp}
+    records = [run("lnsr", weight=0.01, fraction=1), run("lnsr", weight=0.03, fraction=1),
+               run("lnsr", weight=0.03, fraction=0.5), run("ft"), run("smart", weight=1), run("smart", weight=1)]
+    assert exp_stats.varied(records) == {"lnsr": {"weight", "fraction"}}

@@ -31,7 +31,7 @@ from .plotting import plot_box, plot_lambda, plot_profiles
 from .recording import (RunLog, check_writable, file_errors, read_experiment, run_key, write_reports, write_rows,
                         write_text)
 from .statistics import (curve, grid_table, markdown_pooled, markdown_summary, point_label, pooled_summary, runs_of,
-                         select, summarize)
+                         select, summarize, varied)
 
 # Optimizer steps at the start of every run left out of its step time: the first allocates and initialises
 # what later steps reuse (2–3× a later step on MiniLM, 2 CPU cores; the steps after it agree within ~10%). A
@@ -568,12 +568,14 @@ def report(folders: list[str], output: str, log=print) -> list[dict]:
         plot_lambda(panels, os.path.join(output, "lambda.png"), note="LNSR's grid points on the seeds every point "
                     "was trained with; the shaded spans are the paper's λ = 0.2–1.0 in these units")
     for corpus in dict.fromkeys(r["corpus"] for r in rows):
+        mine = [e for e in experiments if e["corpus"] == corpus]
+        axes = varied([r for e in mine for r in e["records"]])   # a box names what the study varied
         groups = {}
-        for e in experiments:
-            if e["corpus"] == corpus:
-                for m, point in e["chosen"].items():
-                    label = f"{m}\n{point_label(json.dumps(point, sort_keys=True))}"
-                    groups.setdefault(label, []).extend(100 * r["test_accuracy"] for r in runs_of(e["records"], m, point))
+        for e in mine:
+            for m, point in e["chosen"].items():
+                shown = {k: v for k, v in point.items() if k in axes.get(m, ())} or point
+                label = f"{m}\n{point_label(json.dumps(shown, sort_keys=True))}"
+                groups.setdefault(label, []).extend(100 * r["test_accuracy"] for r in runs_of(e["records"], m, point))
         plot_box(groups, os.path.join(output, f"boxplot_{corpus}.png"), title=f"{corpus}: test accuracy, every split "
                  "and seed")
     sources = "\n".join(f"- `{f}`: {e['corpus']}, data seed {e['data_seed']}, {len(e['records'])} runs"

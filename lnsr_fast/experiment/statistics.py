@@ -147,6 +147,20 @@ def point_label(hparams_json: str) -> str:
     return ", ".join(f"{k}={v}" for k, v in json.loads(hparams_json).items()) or "defaults"
 
 
+def varied(records: list[dict]) -> dict[str, set[str]]:
+    """Per method, the hyperparameters whose value differs among its `records` (a grid's or a study's axes, as
+    against the settings it pins)."""
+    values: dict[tuple[str, str], set[str]] = {}
+    for r in records:
+        for k, v in r["hparams"].items():
+            values.setdefault((r["method"], k), set()).add(json.dumps(v))
+    axes: dict[str, set[str]] = {}
+    for (m, k), seen in values.items():
+        if len(seen) > 1:
+            axes.setdefault(m, set()).add(k)
+    return axes
+
+
 def _number(value, fmt: str = ".2f", scale: float = 1.0, unit: str = "") -> str:
     return "n/a" if value is None or math.isnan(value) else format(scale * value, fmt) + unit
 
