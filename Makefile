@@ -30,7 +30,7 @@ test: install
 demo: install
 	HF_HUB_OFFLINE=1 $(BIN)/lnsr-fast demo
 
-# The reproduction of issue 13 (docs/reproduction/study/README.md), per corpus, the two corpora side by side on
+# The reproduction of issue 13 (docs/reproduction/README.md), per corpus, the two corpora side by side on
 # one thread each. Split 0 chooses every method's point on validation (3 selection seeds; λ log-spaced over
 # 1e-4–1 plus the paper's 0.2 and 1.0 converted under both readings, docs/design.md §2: λ_p/d = 5.2e-4 and
 # 2.6e-3, λ_p·T̄ with T̄ = 30.1 tweets, 96 BBC articles; 1 was added when BBC News's best point sat at 0.3, the

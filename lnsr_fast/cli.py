@@ -268,7 +268,7 @@ def _add_finetune_parser(sub, fmt) -> None:
     g.add_argument("--weight", type=_nonnegative_float, default=None,
                    help=f"λ, the penalty weight of every layer (default: {method_defaults('lnsr')['weight']:g} for Gaussian "
                         f"noise, {lnsr['weight']:g} for in-manifold, with reduction sum, chosen on validation data in "
-                        "docs/reproduction/study; the paper's 0.2–1.0 read literally collapsed training there)")
+                        "docs/reproduction; the paper's 0.2–1.0 read literally collapsed training there)")
     g.add_argument("--k", type=_positive_int, default=None, help=f"neighbours per token for in-manifold noise (default: {lnsr['k']})")
     g.add_argument("--mode", choices=["concat", "two_pass"], default=None,
                    help=f"concat: clean and noisy batch in one 2B pass; two_pass: two forward passes (default: {lnsr['mode']})")

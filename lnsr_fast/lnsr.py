@@ -28,7 +28,7 @@ DROPOUT_MODES = ("shared", "independent")
 STACKS = ("encoder", "decoder")
 # ‖ε_t‖/‖x_t‖ per token: standard LNSR 0.05, in-manifold 0.1 (docs/design.md §2).
 DEFAULT_RATIOS = {"gaussian": 0.05, "in_manifold": 0.1}
-# λ per layer with reduction "sum" at those ratios, from the validation grids of docs/reproduction/study
+# λ per layer with reduction "sum" at those ratios, from the validation grids of docs/reproduction
 # (MiniLM, tweets and BBC News, 3 seeds a point): per noise, the largest grid point that cost the tweets no
 # validation accuracy beyond the seeds' spread while it helped on BBC News. Both start the penalty at 1–4% of
 # the loss there; in-manifold noise at ratio 0.1 makes a ~4× larger penalty per unit of λ ((0.1 / 0.05)²).
@@ -116,7 +116,7 @@ class LNSRConfig(NoiseConfig):
     reduction="sequence" with λ = λ_p, or "sum" with λ = λ_p·T̄; read as an element-wise mean (as many
     implementations do), it is "mean" with λ = λ_p, or "sum" with λ = λ_p / d. Neither carries over between
     models and data; the penalty's share of the loss at the start of training (from `handle.last`) lined the
-    two noises up and collapsed training above the same 40% on both corpora of docs/reproduction/study, so
+    two noises up and collapsed training above the same 40% on both corpora of docs/reproduction, so
     choose λ for another model by it (README, "Choosing λ for your model"; docs/design.md §2).
 
     >>> LNSRConfig(noise="gaussian", weight=0.5)
@@ -124,7 +124,7 @@ class LNSRConfig(NoiseConfig):
     """
 
     weight: float | list | None = hyperparameter("λ for every chosen layer, or one λ per layer; None: 0.03 for gaussian, 0.01 "
-                                                 "for in_manifold noise (chosen on validation in docs/reproduction/study)")
+                                                 "for in_manifold noise (chosen on validation in docs/reproduction)")
     layers: int | list | None = hyperparameter("indices into the hidden states (0 = embedding output, negative from the end); "
                                       "None: every transformer layer, 1..L")
     reduction: str = hyperparameter("per layer, 'sum': the mean over real tokens of ‖h_t − h̃_t‖²; 'mean': that / d; "
@@ -132,7 +132,8 @@ class LNSRConfig(NoiseConfig):
                                     "(the paper's equation read literally)", "sum")
     fraction: float = hyperparameter("the share of a batch's rows that get a noisy copy in the doubled pass (its first "
                                      "⌈fraction·B⌉ rows): the penalty then estimates the same expectation from fewer "
-                                     "rows, for a cheaper step", 1.0)
+                                     "rows, for a cheaper step (0.5 lost nothing measurable in docs/reproduction; "
+                                     "1 is the paper's method)", 1.0)
     mode: str = hyperparameter("'concat': clean and noisy copy in one pass of 2B rows; 'two_pass': two passes", "concat")
     dropout: str = hyperparameter("'shared': both copies get the same dropout masks, so the penalty measures the noise; "
                          "'independent': their own masks (a consistency term as in R-Drop)", "shared")
