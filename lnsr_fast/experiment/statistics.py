@@ -150,15 +150,11 @@ def point_label(hparams_json: str) -> str:
 def varied(records: list[dict]) -> dict[str, set[str]]:
     """Per method, the hyperparameters whose value differs among its `records` (a grid's or a study's axes, as
     against the settings it pins)."""
-    values: dict[tuple[str, str], set[str]] = {}
+    values: dict[str, dict[str, set[str]]] = {}
     for r in records:
         for k, v in r["hparams"].items():
-            values.setdefault((r["method"], k), set()).add(json.dumps(v))
-    axes: dict[str, set[str]] = {}
-    for (m, k), seen in values.items():
-        if len(seen) > 1:
-            axes.setdefault(m, set()).add(k)
-    return axes
+            values.setdefault(r["method"], {}).setdefault(k, set()).add(json.dumps(v))
+    return {m: axes for m, keys in values.items() if (axes := {k for k, seen in keys.items() if len(seen) > 1})}
 
 
 def _number(value, fmt: str = ".2f", scale: float = 1.0, unit: str = "") -> str:
