@@ -8,6 +8,7 @@ steps on its rank's 4 of 8 rows, and saves (rank 0) the full weights and the pen
 """
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -69,3 +70,8 @@ if __name__ == "__main__":
     if len(sys.argv) != 3:
         raise SystemExit(__doc__)
     main(Path(sys.argv[1]), sys.argv[2])
+    # Even after a clean destroy_process_group, the interpreter's teardown aborted a rank once in CI ("terminate
+    # called without an active exception", in_manifold): the results are saved, so skip the teardown.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
