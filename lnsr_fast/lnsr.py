@@ -30,7 +30,7 @@ STACKS = ("encoder", "decoder")
 DEFAULT_RATIOS = {"gaussian": 0.05, "in_manifold": 0.1}
 # λ per layer with reduction "sum" at those ratios, from the validation grids of docs/reproduction
 # (MiniLM, tweets and BBC News, 3 seeds a point): per noise, the largest grid point that cost the tweets no
-# validation accuracy beyond the seeds' spread while it helped on BBC News. Both start the penalty at 1–4% of
+# validation accuracy beyond the seeds' spread while it helped BBC News's. Both start the penalty at 1–4% of
 # the loss there; in-manifold noise at ratio 0.1 makes a ~4× larger penalty per unit of λ ((0.1 / 0.05)²).
 DEFAULT_WEIGHTS = {"gaussian": 0.03, "in_manifold": 0.01}
 
