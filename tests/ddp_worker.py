@@ -109,11 +109,19 @@ def main(outdir: Path) -> None:
         "task_update": task_update,
         "penalty_update": sgd_update(outdir, 0.5) - task_update,
     }, outdir / f"rank{rank}.pt")
-    # A gloo group left for the interpreter's exit to tear down can abort a rank after its work is done
-    # ("terminate called without an active exception", seen once in CI): close it while both ranks live.
+
+
+def end_rank() -> None:
+    """The end of a torchrun worker whose results are saved (this one and fsdp_worker.py): close the gloo group
+    while every rank lives, then skip the interpreter's teardown. Left to the teardown, a rank aborted after its
+    work was done ("terminate called without an active exception"), once in CI for each worker: this one before
+    it closed the group, fsdp_worker.py after."""
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
@@ -121,3 +129,4 @@ if __name__ == "__main__":
         raise SystemExit(__doc__)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     main(Path(sys.argv[1]))
+    end_rank()

@@ -8,7 +8,6 @@ steps on its rank's 4 of 8 rows, and saves (rank 0) the full weights and the pen
 """
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from transformers import BertConfig, BertForSequenceClassification
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 
 import lnsr_fast as lf  # noqa: E402
+from ddp_worker import end_rank  # noqa: E402
 from families import TokenwiseNoise  # noqa: E402
 
 ROWS, LENGTH, STEPS = 8, 10, 2
@@ -62,16 +62,10 @@ def main(outdir: Path, noise: str) -> None:
     state = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in model.state_dict().items()}
     if dist.get_rank() == 0:
         torch.save({"state": state, "penalties": penalties}, outdir / "fsdp.pt")
-    dist.barrier()
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
     if len(sys.argv) != 3:
         raise SystemExit(__doc__)
     main(Path(sys.argv[1]), sys.argv[2])
-    # Even after a clean destroy_process_group, the interpreter's teardown aborted a rank once in CI ("terminate
-    # called without an active exception", in_manifold): the results are saved, so skip the teardown.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    end_rank()
